@@ -1,0 +1,10 @@
+"""The cache service process: `python -m services.cache`."""
+
+from services.cache.service import start
+from services.common.logs import setup_logging
+from services.common.server import run
+from services.common.settings import CacheSettings
+
+settings = CacheSettings()
+setup_logging("cache", settings.log_level)
+run(lambda: start(settings), settings.grace_seconds)

@@ -1,0 +1,38 @@
+"""The cache as other services see it: domain objects in, domain objects out."""
+
+from __future__ import annotations
+
+import grpc
+from imagegen.v1 import cache_service_pb2 as pb
+from imagegen.v1 import cache_service_pb2_grpc
+
+from services.cache.entry import CacheEntry, entry_from_pb
+from services.common.convert import artifact_to_pb, spec_to_pb
+from services.common.errors import from_rpc_error
+from services.common.jobstore import ArtifactRecord
+from services.common.spec import Spec
+
+
+class CacheClient:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = cache_service_pb2_grpc.CacheServiceStub(channel)
+
+    async def lookup(self, spec: Spec, seed_agnostic: bool) -> CacheEntry | None:
+        try:
+            response = await self._stub.Lookup(
+                pb.LookupRequest(spec=spec_to_pb(spec), seed_agnostic=seed_agnostic)
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        return entry_from_pb(response.entry) if response.hit else None
+
+    async def store(self, spec: Spec, job_id: str, artifacts: list[ArtifactRecord]) -> None:
+        request = pb.StoreRequest(
+            spec=spec_to_pb(spec),
+            job_id=job_id,
+            artifacts=[artifact_to_pb(a, lambda key: "") for a in artifacts],
+        )
+        try:
+            await self._stub.Store(request)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None

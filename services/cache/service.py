@@ -1,0 +1,34 @@
+"""Starts the cache service: its stores, its servicer, its gRPC server."""
+
+from __future__ import annotations
+
+from imagegen.v1 import cache_service_pb2, cache_service_pb2_grpc
+
+from services.cache.grpc_api import CacheServicer
+from services.cache.store import PromptCache
+from services.common import db
+from services.common.models import load_registry
+from services.common.redis import connect_redis
+from services.common.server import Service, Servicer, start_server
+from services.common.settings import CacheSettings
+
+SERVICE_NAME = cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+
+
+async def start(settings: CacheSettings) -> Service:
+    pool = await db.connect(settings.database_url)
+    redis = connect_redis(settings.redis_url)
+    registry = load_registry(settings.model_registry, settings.model_dir)
+    cache = PromptCache(pool, redis, registry, settings.cache_ttl_seconds)
+    servicer = CacheServicer(cache, registry)
+    running = await start_server(
+        settings.listen_addr,
+        [
+            Servicer(
+                SERVICE_NAME,
+                lambda s: cache_service_pb2_grpc.add_CacheServiceServicer_to_server(servicer, s),
+            )
+        ],
+        settings.max_message_bytes,
+    )
+    return Service(running, [pool.close, redis.aclose])

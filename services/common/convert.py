@@ -1,0 +1,177 @@
+"""Conversions between the protobuf messages and the plain domain objects.
+
+Servicers call these at the edge; domain code never sees a protobuf message except the job
+event, which is itself the one event schema.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from imagegen.v1 import types_pb2
+
+from services.common.errors import FieldViolation, InvalidArgument
+from services.common.jobstore import ArtifactRecord, JobRecord
+from services.common.spec import ControlNet, GuidanceImage, Spec
+
+STATUS_TO_PB = {
+    "queued": types_pb2.JOB_STATUS_QUEUED,
+    "running": types_pb2.JOB_STATUS_RUNNING,
+    "completed": types_pb2.JOB_STATUS_COMPLETED,
+    "failed": types_pb2.JOB_STATUS_FAILED,
+    "cancelled": types_pb2.JOB_STATUS_CANCELLED,
+}
+STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
+_ROLE_TO_PB = {
+    "reference": types_pb2.GUIDANCE_ROLE_REFERENCE,
+    "style": types_pb2.GUIDANCE_ROLE_STYLE,
+    "texture": types_pb2.GUIDANCE_ROLE_TEXTURE,
+}
+_ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
+# Domain (and HTTP) field names whose protobuf name differs.
+_PB_FIELD = {"prompt": "text", "width": "width_px", "height": "height_px", "mask": "mask_key"}
+
+
+def spec_from_pb(message: types_pb2.GenerationSpec) -> Spec:
+    fibo = None
+    if message.HasField("fibo_json"):
+        fibo = json_format.MessageToDict(message.fibo_json)
+    controlnet = None
+    if message.HasField("controlnet"):
+        c = message.controlnet
+        controlnet = ControlNet(name=c.name, weight=round(c.weight, 6), mask_key=c.mask_key)
+    return Spec(
+        prompt=message.text,
+        fibo_json=fibo,
+        negative_prompt=message.negative_prompt,
+        model=message.model,
+        seed=message.seed if message.HasField("seed") else None,
+        width=message.width_px,
+        height=message.height_px,
+        num_variants=message.num_variants,
+        steps=message.steps,
+        guidance_scale=(
+            round(message.guidance_scale, 6) if message.HasField("guidance_scale") else None
+        ),
+        guidance_images=tuple(
+            GuidanceImage(key=g.key, role=_ROLE_FROM_PB.get(g.role, "unspecified"))
+            for g in message.guidance_images
+        ),
+        controlnet=controlnet,
+    )
+
+
+def spec_to_pb(spec: Spec) -> types_pb2.GenerationSpec:
+    message = types_pb2.GenerationSpec(
+        negative_prompt=spec.negative_prompt,
+        model=spec.model,
+        width_px=spec.width,
+        height_px=spec.height,
+        num_variants=spec.num_variants,
+        steps=spec.steps,
+        guidance_images=[
+            types_pb2.GuidanceImage(key=g.key, role=_ROLE_TO_PB.get(g.role, 0))
+            for g in spec.guidance_images
+        ],
+    )
+    if spec.fibo_json is not None:
+        fibo = struct_pb2.Struct()
+        fibo.update(spec.fibo_json)
+        message.fibo_json.CopyFrom(fibo)
+    else:
+        message.text = spec.prompt
+    if spec.seed is not None:
+        message.seed = spec.seed
+    if spec.guidance_scale is not None:
+        message.guidance_scale = spec.guidance_scale
+    if spec.controlnet is not None:
+        message.controlnet.CopyFrom(
+            types_pb2.ControlNet(
+                name=spec.controlnet.name,
+                weight=spec.controlnet.weight,
+                mask_key=spec.controlnet.mask_key,
+            )
+        )
+    return message
+
+
+def _pb_path(field: str, prefix: str) -> str:
+    parts = [_PB_FIELD.get(p, p) for p in re.split(r"\.(?![^\[]*\])", field) if p]
+    return ".".join([prefix, *parts]) if prefix else ".".join(parts)
+
+
+def with_pb_fields(error: InvalidArgument, prefix: str = "spec") -> InvalidArgument:
+    """The same violations named by their protobuf paths (`width` -> `spec.width_px`)."""
+    return InvalidArgument(
+        [FieldViolation(_pb_path(v.field, prefix), v.description) for v in error.violations]
+    )
+
+
+def artifact_to_pb(artifact: ArtifactRecord, url_for: Callable[[str], str]) -> types_pb2.Artifact:
+    evaluation = types_pb2.Evaluation(nsfw=artifact.nsfw)
+    for name in ("clip_score", "lpips_diversity", "lpips_to_reference"):
+        value = getattr(artifact, name)
+        if value is not None:
+            setattr(evaluation, name, value)
+    return types_pb2.Artifact(
+        id=artifact.id,
+        key=artifact.key,
+        url=url_for(artifact.key),
+        width_px=artifact.width,
+        height_px=artifact.height,
+        variant_index=artifact.variant_index,
+        seed=artifact.seed,
+        sha256=artifact.sha256,
+        evaluation=evaluation,
+        is_primary=artifact.is_primary,
+    )
+
+
+def artifact_from_pb(message: types_pb2.Artifact, job_id: str) -> ArtifactRecord:
+    e = message.evaluation
+    return ArtifactRecord(
+        id=message.id,
+        job_id=job_id,
+        variant_index=message.variant_index,
+        key=message.key,
+        sha256=message.sha256,
+        width=message.width_px,
+        height=message.height_px,
+        seed=message.seed,
+        clip_score=e.clip_score if e.HasField("clip_score") else None,
+        lpips_diversity=e.lpips_diversity if e.HasField("lpips_diversity") else None,
+        lpips_to_reference=e.lpips_to_reference if e.HasField("lpips_to_reference") else None,
+        nsfw=e.nsfw,
+        is_primary=message.is_primary,
+    )
+
+
+def job_to_pb(job: JobRecord, url_for: Callable[[str], str]) -> types_pb2.Job:
+    message = types_pb2.Job(
+        id=job.id,
+        status=STATUS_TO_PB[job.status],
+        stage=job.stage,
+        progress_percent=job.progress_percent,
+        spec=spec_to_pb(job.spec),
+        cost_cents=job.cost_cents,
+        cache_hit=job.cache_hit,
+        artifacts=[artifact_to_pb(a, url_for) for a in job.artifacts],
+        error=job.error,
+        attempts=job.attempts,
+        engine_version=job.engine_version,
+    )
+    if job.created_at is not None:
+        message.create_time.FromDatetime(job.created_at)
+    if job.updated_at is not None:
+        message.update_time.FromDatetime(job.updated_at)
+    return message
+
+
+def message_to_json(message: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return result

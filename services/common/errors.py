@@ -1,0 +1,153 @@
+"""Domain errors and the one table that maps them to gRPC and HTTP statuses.
+
+Domain code raises these; the gRPC interceptor and the HTTP facade translate them. Errors coming
+back from another service are turned into the same classes by `from_rpc_error`, so a bad field
+found by the cache service reaches the client as the same INVALID_ARGUMENT with the same details.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field: `field` is its path in the request (e.g. `spec.width_px`)."""
+
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see. Anything else becomes INTERNAL."""
+
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> list[Any]:
+        """Rich `google.rpc` detail messages carried with the status."""
+        return []
+
+
+class InvalidArgument(ServiceError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 422
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        fields = ", ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid request: {fields}")
+        self.violations = violations
+
+    @classmethod
+    def one(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field, description)])
+
+    def details(self) -> list[Any]:
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+        ]
+
+
+class NotFound(ServiceError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class FailedPrecondition(ServiceError):
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+
+
+class Unavailable(ServiceError):
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
+class Cancelled(ServiceError):
+    grpc_code = grpc.StatusCode.CANCELLED
+    http_status = 409
+
+
+class QuotaExceeded(ServiceError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+    def __init__(self, subject: str, description: str) -> None:
+        super().__init__(description)
+        self.subject = subject
+
+    def details(self) -> list[Any]:
+        return [
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=self.subject, description=self.message
+                    )
+                ]
+            )
+        ]
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
+    cls.grpc_code: cls
+    for cls in (NotFound, FailedPrecondition, Unavailable, Cancelled, ServiceError)
+}
+
+
+def to_rpc_status(error: ServiceError) -> grpc.Status:
+    """The `grpc.Status` (with packed details) to abort a call with."""
+    packed = []
+    for detail in error.details():
+        message = any_pb2.Any()
+        message.Pack(detail)
+        packed.append(message)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.grpc_code.name), message=error.message, details=packed
+    )
+    return rpc_status.to_status(status)
+
+
+def to_http_body(error: ServiceError) -> dict[str, Any]:
+    """The JSON error body the HTTP facade answers with."""
+    body: dict[str, Any] = {"code": error.grpc_code.name, "message": error.message}
+    if isinstance(error, InvalidArgument):
+        body["field_violations"] = [
+            {"field": v.field, "description": v.description} for v in error.violations
+        ]
+    return {"error": body}
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> ServiceError:
+    """Turns another service's error back into the domain error it was raised as."""
+    code = error.code()
+    message = error.details() or code.name
+    status = rpc_status.from_call(error)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        violations = []
+        for detail in status.details if status else []:
+            bad_request = error_details_pb2.BadRequest()
+            if detail.Unpack(bad_request):
+                violations += [
+                    FieldViolation(v.field, v.description) for v in bad_request.field_violations
+                ]
+        return InvalidArgument(violations or [FieldViolation("", message)])
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+        return Unavailable(message)
+    return _BY_CODE.get(code, ServiceError)(message)

@@ -1,0 +1,68 @@
+"""A job's event stream in Redis: the one event schema (`imagegen.v1.JobEvent`), appended by
+whoever changes the job and read by every watcher.
+
+Each job has a Redis Stream; an event's id is its stream id, so a watcher resumes after the last
+id it saw with no gaps and no duplicates. A `final` event ends the stream, which then expires.
+"""
+
+from __future__ import annotations
+
+import re
+
+import redis.asyncio as aioredis
+from google.protobuf.timestamp_pb2 import Timestamp
+from imagegen.v1 import events_pb2
+
+from services.common.errors import InvalidArgument
+
+_FIELD = b"e"
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+def stream_key(job_id: str) -> str:
+    return f"imagegen:job:{job_id}:events"
+
+
+def check_event_id(event_id: str, field: str) -> str:
+    """'' means the start; anything else must be an id this service handed out."""
+    if event_id and not _EVENT_ID.match(event_id):
+        raise InvalidArgument.one(field, "not an event id")
+    return event_id or "0-0"
+
+
+class EventLog:
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int, max_len: int = 10_000) -> None:
+        self._redis = redis
+        self._ttl = ttl_seconds
+        self._max_len = max_len
+
+    async def append(self, job_id: str, event: events_pb2.JobEvent) -> str:
+        """Appends `event` and returns its id; a final event starts the stream's expiry."""
+        event.job_id = job_id
+        if not event.HasField("time"):
+            now = Timestamp()
+            now.GetCurrentTime()
+            event.time.CopyFrom(now)
+        key = stream_key(job_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(key, {_FIELD: event.SerializeToString()}, maxlen=self._max_len)
+            pipe.expire(key, self._ttl)
+            added, _ = await pipe.execute()
+        event_id = added.decode()
+        event.id = event_id
+        return event_id
+
+    async def read(
+        self, job_id: str, after: str, block_ms: int | None = None, count: int = 256
+    ) -> list[events_pb2.JobEvent]:
+        """Events after `after`, waiting up to `block_ms` for the first one when there are none."""
+        response = await self._redis.xread(
+            {stream_key(job_id): after}, count=count, block=block_ms
+        )
+        events = []
+        for _, entries in response or ():
+            for entry_id, fields in entries:
+                event = events_pb2.JobEvent.FromString(fields[_FIELD])
+                event.id = entry_id.decode()
+                events.append(event)
+        return events

@@ -1,0 +1,113 @@
+"""Cross-cutting server work: request ids, logging and the exception-to-status table.
+
+Handlers raise domain errors (services.common.errors); this is the only place that turns them
+into gRPC statuses. Anything unexpected becomes INTERNAL with a generic message, and the detail
+goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from services.common.errors import ServiceError, to_rpc_status
+
+log = logging.getLogger("imagegen.rpc")
+
+REQUEST_ID_HEADER = "x-request-id"
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+def _request_id_from(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            return value
+    return uuid.uuid4().hex
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, error: BaseException
+) -> None:
+    if isinstance(error, ServiceError):
+        log.info("%s -> %s: %s", method, error.grpc_code.name, error.message)
+        await context.abort_with_status(to_rpc_status(error))
+    log.exception("%s failed", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Sets the request id, logs each call, and maps exceptions to statuses."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_wrap_unary(method, handler.unary_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_wrap_stream(method, handler.unary_stream))
+        return handler
+
+
+def _wrap_unary(method: str, behaviour: Any) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        request_id.set(_request_id_from(context))
+        started = time.perf_counter()
+        try:
+            return await behaviour(request, context)
+        except (grpc.aio.AbortError, AssertionError):
+            raise
+        except Exception as error:  # noqa: BLE001 - this is the one place that maps errors
+            await _abort(context, method, error)
+        finally:
+            log.debug("%s took %.1f ms", method, (time.perf_counter() - started) * 1e3)
+
+    return wrapped
+
+
+def _wrap_stream(method: str, behaviour: Any) -> Any:
+    async def wrapped(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        request_id.set(_request_id_from(context))
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            await _abort(context, method, error)
+
+    return wrapped
+
+
+class RequestIdClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Carries the current request id to the services this one calls."""
+
+    def _with_id(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        current = request_id.get()
+        if not current:
+            return details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add(REQUEST_ID_HEADER, current)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_id(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_id(details), request)

@@ -1,0 +1,59 @@
+"""The model registry: a JSON file mapping model ids to pipeline folders, defaults and price.
+
+Read by the gateway (defaults, limits, price; no torch) and by the generator (which loads the
+pipelines). `${MODEL_DIR}` in a path is replaced by the configured model folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    family: str
+    path: str
+    version: str
+    dtype: str = "float32"
+    default_steps: int = 20
+    default_width: int = 512
+    default_height: int = 512
+    default_guidance: float = 7.5
+    min_size: int = 256
+    max_size: int = 4096
+    size_multiple: int = 8
+    max_steps: int = 100
+    max_variants: int = 8
+    price_multiplier: float = 1.0
+    controlnets: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Registry:
+    models: dict[str, ModelSpec]
+    default: str
+
+    def get(self, model_id: str, field_name: str = "model") -> ModelSpec:
+        """The model named `model_id`, or the default one for an empty id."""
+        spec = self.models.get(model_id or self.default)
+        if spec is None:
+            known = ", ".join(sorted(self.models))
+            raise InvalidArgument.one(field_name, f"unknown model {model_id!r}; known: {known}")
+        return spec
+
+
+def load_registry(path: Path, model_dir: Path) -> Registry:
+    raw = json.loads(path.read_text())
+    models = {}
+    for entry in raw["models"]:
+        entry["path"] = entry["path"].replace("${MODEL_DIR}", str(model_dir))
+        entry["controlnets"] = tuple(entry.get("controlnets", ()))
+        models[entry["id"]] = ModelSpec(**entry)
+    if raw["default"] not in models:
+        raise ValueError(f"{path}: default model {raw['default']!r} is not listed")
+    return Registry(models=models, default=raw["default"])

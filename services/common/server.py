@@ -1,0 +1,118 @@
+"""One gRPC server bootstrap for every service.
+
+Health (per-service status), reflection, the error interceptor, explicit message-size limits and a
+graceful stop on SIGTERM/SIGINT: services only say which servicers to add.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from services.common.interceptors import ErrorInterceptor
+
+log = logging.getLogger("imagegen.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Servicer:
+    """A servicer to add: its full service name and the generated `add_..._to_server`."""
+
+    name: str
+    add: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    names: list[str] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in [*self.names, ""]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    addr: str, servicers: Sequence[Servicer], max_message_bytes: int, serving: bool = True
+) -> RunningServer:
+    """Starts a server on `addr` (port 0 picks a free one); health starts NOT_SERVING unless
+    `serving`, so a service can load its models before it takes traffic."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for servicer in servicers:
+        servicer.add(server)
+    names = [s.name for s in servicers]
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(addr)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {addr}")
+    await server.start()
+    running = RunningServer(server, port, health, names)
+    await running.set_serving(serving)
+    log.info("gRPC %s listening on port %d", ", ".join(names), port)
+    return running
+
+
+async def wait_for_signal() -> None:
+    """Returns on the first SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+@dataclass
+class Service:
+    """A started service: its gRPC server and what to close after it stops."""
+
+    grpc: RunningServer
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    http_port: int = 0
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    async def stop(self, grace: float) -> None:
+        """Reports NOT_SERVING, drains in-flight calls for up to `grace`, then cleans up."""
+        await self.grpc.set_serving(False)
+        await self.grpc.stop(grace)
+        for cleanup in reversed(self.cleanups):
+            await cleanup()
+
+
+def run(start: Callable[[], Awaitable[Service]], grace: float) -> None:
+    """A service process's main: start, serve until SIGTERM/SIGINT, stop gracefully."""
+
+    async def main() -> None:
+        service = await start()
+        await wait_for_signal()
+        log.info("shutting down (grace %.1fs)", grace)
+        await service.stop(grace)
+
+    asyncio.run(main())

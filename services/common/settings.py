@@ -1,0 +1,97 @@
+"""Typed settings, read from the environment, with defaults that make the embedded mode work.
+
+One base class holds what every service shares (where the stores and the other services are);
+each service subclasses it with what only it needs.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class CommonSettings(BaseSettings):
+    """What every service reads. Empty URLs mean "not configured" and fail loudly at start-up."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore")
+
+    data_dir: Path = Path(".data")
+    log_level: str = "INFO"
+
+    database_url: str = ""
+    redis_url: str = ""
+
+    # Object store: S3/MinIO when s3_endpoint is set, else a local folder under data_dir.
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "imagegen"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    objects_dir: Path | None = None
+    url_signing_key: str = ""
+    url_ttl_seconds: int = 3600
+    public_base_url: str = "http://127.0.0.1:8080"
+
+    model_registry: Path = ROOT / "deploy" / "models" / "tiny.json"
+    model_dir: Path = Path(".data/models")
+
+    cache_addr: str = "127.0.0.1:50052"
+    generator_addr: str = "127.0.0.1:50053"
+    evaluator_addr: str = "127.0.0.1:50054"
+    rpc_timeout_seconds: float = 30.0
+
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 32 * 1024 * 1024
+
+    def objects_root(self) -> Path:
+        return self.objects_dir or self.data_dir / "objects"
+
+    def signing_key(self) -> bytes:
+        """The HMAC key for local-folder URLs: configured, or made once and kept in data_dir."""
+        if self.url_signing_key:
+            return self.url_signing_key.encode()
+        path = self.data_dir / "url-signing.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_hex(32))
+            tmp.replace(path)
+        return path.read_text().strip().encode()
+
+
+class GatewaySettings(CommonSettings):
+    listen_addr: str = "127.0.0.1:50051"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    job_max_attempts: int = 3
+    idempotency_ttl_seconds: int = 24 * 3600
+
+
+class CacheSettings(CommonSettings):
+    listen_addr: str = "127.0.0.1:50052"
+    cache_ttl_seconds: int = 30 * 24 * 3600
+
+
+class GeneratorSettings(CommonSettings):
+    listen_addr: str = "127.0.0.1:50053"
+    device: str = "cpu"
+    workers: int = Field(default=1, ge=0)
+    consumer_name: str = ""
+    job_max_attempts: int = 3
+    claim_idle_ms: int = 60_000
+    event_ttl_seconds: int = 24 * 3600
+
+
+class EvaluatorSettings(CommonSettings):
+    listen_addr: str = "127.0.0.1:50054"
+    clip_dir: Path | None = None
+    lpips_backbone: Path | None = None
+
+    def clip_path(self) -> Path:
+        return self.clip_dir or self.model_dir / "tiny-clip"

@@ -1,0 +1,109 @@
+"""Build a tiny open_clip model with seeded random weights, for tests, demos and embedded mode.
+
+The evaluator scores images with an open_clip model loaded from a local folder. This module
+writes such a folder without any download: a small ViT image tower and a transformer text tower
+(CLIP's 49408-token vocabulary, 77-token context), about 1.8M parameters, as
+`open_clip_config.json` + `open_clip_model.safetensors`. That is the layout open_clip uses for
+models on the Hugging Face hub, so a real model copied into a folder loads the same way
+(`open_clip.create_model_and_transforms("local-dir:<folder>")`). The tokenizer is open_clip's
+own, which ships its BPE vocabulary.
+
+The same seed gives the same weight file, byte for byte.
+
+    python -m services.evaluator.tiny_models --out .data/models [--seed 0] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from services.common.torch_compat import prepare_torch
+
+prepare_torch()
+
+import open_clip  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+TINY_CLIP_NAME = "tiny-clip"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+TINY_CLIP_CONFIG: dict[str, Any] = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "image_size": 64,
+            "patch_size": 16,
+            "width": 64,
+            "head_width": 16,
+            "layers": 2,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 4,
+            "layers": 2,
+        },
+    },
+    "preprocess_cfg": {
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    },
+}
+
+
+def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny model to `out_dir/tiny-clip`, replacing what is there; return that folder.
+
+    The folder is assembled next to its final place and moved in when complete, so a reader
+    never sees half a model.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / TINY_CLIP_NAME
+    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP_NAME}-", dir=out_dir))
+    try:
+        staging.chmod(0o755)
+        config_text = json.dumps(TINY_CLIP_CONFIG, indent=2, sort_keys=True) + "\n"
+        (staging / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        # Constructors draw initial weights from the global CPU generator; fork it so the build
+        # is reproducible and leaves the caller's random state untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.CLIP(**TINY_CLIP_CONFIG["model_cfg"])
+        weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(weights, str(staging / WEIGHTS_FILE))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, required=True, help="models folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild an existing model")
+    args = parser.parse_args(argv)
+    target = args.out / TINY_CLIP_NAME
+    if (target / WEIGHTS_FILE).exists() and not args.force:
+        print(f"{target}: exists, kept (--force rebuilds it)")
+        return
+    built = build_tiny_clip(args.out, seed=args.seed)
+    size = sum(f.stat().st_size for f in built.rglob("*") if f.is_file())
+    print(f"{built}: tiny open_clip model, seed {args.seed}, {size / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""ImageService and CostService over gRPC: convert, call JobService, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from imagegen.v1 import (
+    cost_service_pb2,
+    cost_service_pb2_grpc,
+    image_service_pb2,
+    image_service_pb2_grpc,
+    types_pb2,
+)
+
+from services.common.convert import STATUS_FROM_PB, spec_from_pb, with_pb_fields
+from services.common.errors import InvalidArgument
+from services.common.spec import Spec
+from services.gateway.cost import Cost
+from services.gateway.jobs import JobService
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _spec(message: types_pb2.GenerationSpec) -> Spec:
+    return spec_from_pb(message)
+
+
+def cost_pb(cost: Cost) -> types_pb2.CostBreakdown:
+    return types_pb2.CostBreakdown(
+        base_cents=cost.base_cents,
+        controlnet_cents=cost.controlnet_cents,
+        guidance_cents=cost.guidance_cents,
+        model_multiplier=cost.model_multiplier,
+        total_cents=cost.total_cents,
+    )
+
+
+class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
+    def __init__(self, jobs: JobService) -> None:
+        self._jobs = jobs
+
+    async def CreateJob(
+        self, request: image_service_pb2.CreateJobRequest, context: Context
+    ) -> image_service_pb2.CreateJobResponse:
+        try:
+            admission = await self._jobs.create(
+                _spec(request.spec),
+                request.idempotency_key,
+                request.seed_agnostic_cache,
+                request.skip_cache,
+            )
+        except InvalidArgument as error:
+            raise with_pb_fields(error) from None
+        return image_service_pb2.CreateJobResponse(
+            job=self._jobs.job_pb(admission.job), estimate=cost_pb(admission.estimate)
+        )
+
+    async def GetJob(
+        self, request: image_service_pb2.GetJobRequest, context: Context
+    ) -> image_service_pb2.GetJobResponse:
+        job = await self._jobs.get(request.job_id)
+        return image_service_pb2.GetJobResponse(job=self._jobs.job_pb(job))
+
+    async def WatchJob(
+        self, request: image_service_pb2.WatchJobRequest, context: Context
+    ) -> AsyncIterator[image_service_pb2.WatchJobResponse]:
+        async for event in self._jobs.watch(request.job_id, request.after_event_id):
+            yield image_service_pb2.WatchJobResponse(event=event)
+
+    async def CancelJob(
+        self, request: image_service_pb2.CancelJobRequest, context: Context
+    ) -> image_service_pb2.CancelJobResponse:
+        job = await self._jobs.cancel(request.job_id)
+        return image_service_pb2.CancelJobResponse(job=self._jobs.job_pb(job))
+
+    async def ListJobs(
+        self, request: image_service_pb2.ListJobsRequest, context: Context
+    ) -> image_service_pb2.ListJobsResponse:
+        status = STATUS_FROM_PB.get(request.status, "")
+        jobs, token = await self._jobs.list(request.page_size, request.page_token, status)
+        return image_service_pb2.ListJobsResponse(
+            jobs=[self._jobs.job_pb(j) for j in jobs], next_page_token=token
+        )
+
+
+class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
+    def __init__(self, jobs: JobService) -> None:
+        self._jobs = jobs
+
+    async def EstimateCost(
+        self, request: cost_service_pb2.EstimateCostRequest, context: Context
+    ) -> cost_service_pb2.EstimateCostResponse:
+        try:
+            cost = self._jobs.estimate(_spec(request.spec))
+        except InvalidArgument as error:
+            raise with_pb_fields(error) from None
+        return cost_service_pb2.EstimateCostResponse(breakdown=cost_pb(cost))

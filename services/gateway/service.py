@@ -1,0 +1,103 @@
+"""Starts the gateway: the gRPC ImageService and CostService, and the HTTP facade beside them,
+in one process sharing one JobService."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from imagegen.v1 import (
+    cost_service_pb2,
+    cost_service_pb2_grpc,
+    image_service_pb2,
+    image_service_pb2_grpc,
+)
+
+from services.cache.client import CacheClient
+from services.common import db
+from services.common.clients import open_channel
+from services.common.events import EventLog
+from services.common.jobstore import JobStore
+from services.common.models import load_registry
+from services.common.objectstore import open_store
+from services.common.queue import JobQueue
+from services.common.redis import connect_redis
+from services.common.server import Service, Servicer, start_server
+from services.common.settings import GatewaySettings
+from services.gateway.grpc_api import CostServicer, ImageServicer
+from services.gateway.http_api import build_app
+from services.gateway.jobs import JobService
+
+IMAGE_SERVICE = image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
+COST_SERVICE = cost_service_pb2.DESCRIPTOR.services_by_name["CostService"].full_name
+
+
+class _HttpServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the process's own signal handling stops this server
+
+
+async def start(settings: GatewaySettings) -> Service:
+    pool = await db.connect(settings.database_url)
+    redis = connect_redis(settings.redis_url)
+    registry = load_registry(settings.model_registry, settings.model_dir)
+    objects = open_store(settings)
+    queue = JobQueue(redis)
+    await queue.ensure_group()
+    cache_channel = open_channel(
+        settings.cache_addr, settings.rpc_timeout_seconds, settings.max_message_bytes
+    )
+    jobs = JobService(
+        JobStore(pool),
+        EventLog(redis, settings.idempotency_ttl_seconds),
+        queue,
+        CacheClient(cache_channel),
+        registry,
+        objects,
+    )
+    image, cost = ImageServicer(jobs), CostServicer(jobs)
+    running = await start_server(
+        settings.listen_addr,
+        [
+            Servicer(
+                IMAGE_SERVICE,
+                lambda s: image_service_pb2_grpc.add_ImageServiceServicer_to_server(image, s),
+            ),
+            Servicer(
+                COST_SERVICE,
+                lambda s: cost_service_pb2_grpc.add_CostServiceServicer_to_server(cost, s),
+            ),
+        ],
+        settings.max_message_bytes,
+    )
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.http_host, settings.http_port))
+    http = _HttpServer(
+        uvicorn.Config(
+            build_app(jobs),
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=int(settings.grace_seconds),
+        )
+    )
+    http_task = asyncio.create_task(http.serve(sockets=[sock]))
+    while not http.started and not http_task.done():
+        await asyncio.sleep(0.01)
+    if http_task.done():
+        http_task.result()
+
+    async def stop_http() -> None:
+        http.should_exit = True
+        await http_task
+
+    return Service(
+        running,
+        [pool.close, redis.aclose, cache_channel.close, stop_http],
+        http_port=sock.getsockname()[1],
+    )

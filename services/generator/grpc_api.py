@@ -1,0 +1,91 @@
+"""GeneratorService over gRPC: the engine without the queue, as a server stream."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from imagegen.v1 import events_pb2, generator_service_pb2 as pb, generator_service_pb2_grpc
+
+from services.common.convert import artifact_to_pb, spec_from_pb, with_pb_fields
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.jobstore import ArtifactRecord
+from services.common.models import Registry
+from services.common.objectstore import ObjectStore, content_key
+from services.common.spec import resolve
+from services.generator.engine import Engine, Step
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class GeneratorServicer(generator_service_pb2_grpc.GeneratorServiceServicer):
+    def __init__(self, engine: Engine, registry: Registry, objects: ObjectStore) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._objects = objects
+        self.ready = False
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        if not self.ready:
+            raise Unavailable("the default model is still loading")
+        try:
+            spec = resolve(spec_from_pb(request.spec), self._registry, require_seed=True)
+        except InvalidArgument as error:
+            raise with_pb_fields(error) from None
+        cancel = threading.Event()  # set by the engine when this stream is closed early
+        async for item in self._engine.render(spec, cancel):
+            if isinstance(item, Step):
+                yield pb.GenerateResponse(
+                    progress=events_pb2.ProgressEvent(
+                        variant_index=item.variant_index,
+                        step=item.step,
+                        total_steps=item.total_steps,
+                        percent=item.percent,
+                        eta_ms=item.eta_ms,
+                    )
+                )
+                continue
+            key = content_key(item.png, "images", "png")
+            await self._objects.put(key, item.png, "image/png")
+            artifact = ArtifactRecord(
+                id=str(uuid.uuid4()),
+                job_id="",
+                variant_index=item.variant_index,
+                key=key,
+                sha256=item.sha256,
+                width=item.width,
+                height=item.height,
+                seed=item.seed,
+            )
+            yield pb.GenerateResponse(
+                artifact=events_pb2.ArtifactEvent(
+                    artifact=artifact_to_pb(artifact, self._objects.download_url)
+                )
+            )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    id=m.id,
+                    family=m.family,
+                    default_steps=m.default_steps,
+                    default_width_px=m.default_width,
+                    default_height_px=m.default_height,
+                    price_multiplier=m.price_multiplier,
+                    is_default=m.id == self._registry.default,
+                    min_size_px=m.min_size,
+                    max_size_px=m.max_size,
+                    size_multiple_px=m.size_multiple,
+                    max_steps=m.max_steps,
+                )
+                for m in self._registry.models.values()
+            ]
+        )

@@ -1,0 +1,190 @@
+"""Runs the whole mesh on one machine: `python -m services.mesh` (what `make run` does).
+
+Starts the embedded Postgres and Redis (unless DATABASE_URL / REDIS_URL point elsewhere), then the
+four services as separate processes, waits until each answers gRPC health SERVING, and on Ctrl-C
+or SIGTERM stops them all (services first, then the stores), leaving nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.embedded import EmbeddedStores, start_embedded
+
+log = logging.getLogger("imagegen.mesh")
+
+SERVICES = ("cache", "evaluator", "generator", "gateway")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Ports:
+    gateway: int = 50051
+    cache: int = 50052
+    generator: int = 50053
+    evaluator: int = 50054
+    http: int = 8080
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+
+
+@dataclass
+class Mesh:
+    data_dir: Path
+    ports: Ports
+    env: dict[str, str]
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    stores: EmbeddedStores | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.http}"
+
+    def addr(self, service: str) -> str:
+        return f"127.0.0.1:{getattr(self.ports, service)}"
+
+    def start_service(self, name: str, log_dir: Path | None = None) -> None:
+        output = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            output = (log_dir / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            env=self.env,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        process = self.processes.pop(name)
+        if process.poll() is None:
+            process.send_signal(sig)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.stop_service(name)
+        if self.stores is not None:
+            self.stores.stop()
+            self.stores = None
+
+
+async def wait_serving(addr: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
+    """Waits until `addr` answers the overall health check with SERVING."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{addr}: the process exited with {process.returncode}")
+            try:
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{addr} did not become SERVING in {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+
+
+def start_mesh(
+    data_dir: Path, ports: Ports, extra_env: dict[str, str] | None = None,
+    log_dir: Path | None = None, timeout: float = 120,
+) -> Mesh:
+    """Starts the stores and the four services; returns once all are SERVING."""
+    env = dict(os.environ)
+    env.update(extra_env or {})
+    stores = None
+    if not (env.get("DATABASE_URL") and env.get("REDIS_URL")):
+        stores = start_embedded(data_dir)
+        env.setdefault("DATABASE_URL", stores.database_url)
+        env.setdefault("REDIS_URL", stores.redis_url)
+    env.update(
+        DATA_DIR=str(data_dir),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        CACHE_ADDR=f"127.0.0.1:{ports.cache}",
+        GENERATOR_ADDR=f"127.0.0.1:{ports.generator}",
+        EVALUATOR_ADDR=f"127.0.0.1:{ports.evaluator}",
+        HTTP_PORT=str(ports.http),
+        PUBLIC_BASE_URL=env.get("PUBLIC_BASE_URL", f"http://127.0.0.1:{ports.http}"),
+    )
+    env.setdefault("MODEL_DIR", str(data_dir / "models"))
+    mesh = Mesh(data_dir, ports, env, stores=stores)
+    try:
+        for name in SERVICES:
+            mesh.env["LISTEN_ADDR"] = mesh.addr(name)
+            mesh.start_service(name, log_dir)
+        mesh.env.pop("LISTEN_ADDR")
+
+        async def all_serving() -> None:
+            await asyncio.gather(
+                *(wait_serving(mesh.addr(n), timeout, mesh.processes[n]) for n in SERVICES)
+            )
+
+        asyncio.run(all_serving())
+    except BaseException:
+        mesh.stop()
+        raise
+    return mesh
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s mesh %(message)s")
+    data_dir = Path(os.environ.get("DATA_DIR", ".data"))
+    started = time.monotonic()
+    mesh = start_mesh(data_dir, Ports(http=int(os.environ.get("HTTP_PORT", "8080"))))
+    log.info(
+        "all services SERVING in %.1fs: HTTP %s  gRPC gateway %s  (Ctrl-C stops everything)",
+        time.monotonic() - started,
+        mesh.http_url,
+        mesh.addr("gateway"),
+    )
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stop:
+            for name, process in mesh.processes.items():
+                if process.poll() is not None:
+                    log.error("%s exited with %s; stopping the mesh", name, process.returncode)
+                    stop = True
+            time.sleep(0.5)
+    finally:
+        log.info("stopping")
+        mesh.stop()
+        log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()
