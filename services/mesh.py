@@ -93,9 +93,9 @@ class Mesh:
             self.stores = None
 
 
-async def wait_serving(addr: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
+async def wait_serving(addr: str, within: float, process: subprocess.Popen[bytes]) -> None:
     """Waits until `addr` answers the overall health check with SERVING."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -108,13 +108,16 @@ async def wait_serving(addr: str, timeout: float, process: subprocess.Popen[byte
             except grpc.aio.AioRpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{addr} did not become SERVING in {timeout:.0f}s")
+                raise TimeoutError(f"{addr} did not become SERVING in {within:.0f}s")
             await asyncio.sleep(0.1)
 
 
 def start_mesh(
-    data_dir: Path, ports: Ports, extra_env: dict[str, str] | None = None,
-    log_dir: Path | None = None, timeout: float = 120,
+    data_dir: Path,
+    ports: Ports,
+    extra_env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    timeout: float = 120,
 ) -> Mesh:
     """Starts the stores and the four services; returns once all are SERVING."""
     env = dict(os.environ)

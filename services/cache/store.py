@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -76,10 +77,10 @@ class PromptCache:
     async def _find(self, key: str, seedless: bool) -> CacheEntry | None:
         hot_key = key
         if seedless:
-            found = await self._redis.get(_SEEDLESS + key)
+            found: Any = await self._redis.get(_SEEDLESS + key)
             hot_key = found.decode() if found else ""
         if hot_key:
-            blob = await self._redis.get(_HOT + hot_key)
+            blob: Any = await self._redis.get(_HOT + hot_key)
             if blob:
                 return _from_json(blob)
         column = "seedless_key" if seedless else "key"
@@ -110,7 +111,9 @@ class PromptCache:
         assert spec.seed is not None
         ttl = ttl_seconds if ttl_seconds > 0 else self._ttl
         now = datetime.now(UTC)
-        entry = CacheEntry(key, seedless, job_id, spec.seed, artifacts, now, now + timedelta(seconds=ttl))
+        entry = CacheEntry(
+            key, seedless, job_id, spec.seed, artifacts, now, now + timedelta(seconds=ttl)
+        )
         row = await self._pool.fetchrow(
             f"INSERT INTO cache_entries ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, 0, $6, $7)"
             " ON CONFLICT (key) DO UPDATE SET job_id = EXCLUDED.job_id,"

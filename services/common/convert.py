@@ -73,7 +73,9 @@ def spec_to_pb(spec: Spec) -> types_pb2.GenerationSpec:
         num_variants=spec.num_variants,
         steps=spec.steps,
         guidance_images=[
-            types_pb2.GuidanceImage(key=g.key, role=_ROLE_TO_PB.get(g.role, 0))
+            types_pb2.GuidanceImage(
+                key=g.key, role=_ROLE_TO_PB.get(g.role, types_pb2.GUIDANCE_ROLE_UNSPECIFIED)
+            )
             for g in spec.guidance_images
         ],
     )

@@ -38,7 +38,7 @@ def start_postgres(folder: Path) -> tuple[str, Any]:
     import pgserver
 
     folder.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(folder, cleanup_mode="stop")
+    server = pgserver.get_server(folder, cleanup_mode="stop")  # type: ignore[attr-defined]
     return str(server.get_uri()), server
 
 
@@ -54,15 +54,24 @@ def start_redis(folder: Path) -> tuple[str, subprocess.Popen[bytes]]:
     process = subprocess.Popen(
         [
             str(executable),
-            "--port", "0",
-            "--unixsocket", str(socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(folder.resolve()),
-            "--appendonly", "yes",
-            "--save", "",
-            "--daemonize", "no",
-            "--loglevel", "warning",
-            "--logfile", str(folder.resolve() / "redis.log"),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(folder.resolve()),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(folder.resolve() / "redis.log"),
         ],
         stdin=subprocess.DEVNULL,
     )

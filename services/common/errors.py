@@ -121,7 +121,8 @@ def to_rpc_status(error: ServiceError) -> grpc.Status:
     status = status_pb2.Status(
         code=getattr(code_pb2, error.grpc_code.name), message=error.message, details=packed
     )
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 def to_http_body(error: ServiceError) -> dict[str, Any]:

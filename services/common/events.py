@@ -8,6 +8,7 @@ id it saw with no gaps and no duplicates. A `final` event ends the stream, which
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -48,7 +49,7 @@ class EventLog:
             pipe.xadd(key, {_FIELD: event.SerializeToString()}, maxlen=self._max_len)
             pipe.expire(key, self._ttl)
             added, _ = await pipe.execute()
-        event_id = added.decode()
+        event_id = str(added.decode())
         event.id = event_id
         return event_id
 
@@ -56,7 +57,7 @@ class EventLog:
         self, job_id: str, after: str, block_ms: int | None = None, count: int = 256
     ) -> list[events_pb2.JobEvent]:
         """Events after `after`, waiting up to `block_ms` for the first one when there are none."""
-        response = await self._redis.xread(
+        response: Any = await self._redis.xread(
             {stream_key(job_id): after}, count=count, block=block_ms
         )
         events = []

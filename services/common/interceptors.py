@@ -41,14 +41,15 @@ async def _abort(
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Sets the request id, logs each call, and maps exceptions to statuses."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
+        # Generated handlers are namedtuples: swap the behaviour, keep the (de)serializers.
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -68,7 +69,7 @@ def _wrap_unary(method: str, behaviour: Any) -> Any:
             return await behaviour(request, context)
         except (grpc.aio.AbortError, AssertionError):
             raise
-        except Exception as error:  # noqa: BLE001 - this is the one place that maps errors
+        except Exception as error:
             await _abort(context, method, error)
         finally:
             log.debug("%s took %.1f ms", method, (time.perf_counter() - started) * 1e3)
@@ -86,19 +87,19 @@ def _wrap_stream(method: str, behaviour: Any) -> Any:
                 yield response
         except grpc.aio.AbortError:
             raise
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             await _abort(context, method, error)
 
     return wrapped
 
 
 class RequestIdClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
 ):
     """Carries the current request id to the services this one calls."""
 
-    def _with_id(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    def _with_id(self, details: Any) -> Any:
         current = request_id.get()
         if not current:
             return details

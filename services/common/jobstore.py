@@ -150,11 +150,12 @@ class JobStore:
         job.artifacts = [_artifact(r) for r in rows]
         return job
 
-    async def list(
+    async def page(
         self, limit: int, before: tuple[datetime, str] | None, status: str | None
     ) -> list[JobRecord]:
         """Jobs newest first, strictly older than the `before` cursor, without artifacts."""
-        where, args = ["($1::text IS NULL OR status = $1)"], [status]
+        where: list[str] = ["($1::text IS NULL OR status = $1)"]
+        args: list[Any] = [status]
         if before is not None:
             where.append("(created_at, id) < ($2, $3)")
             args += [before[0], _uuid(before[1], "page_token")]

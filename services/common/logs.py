@@ -17,6 +17,8 @@ def setup_logging(service: str, level: str) -> None:
     handler = logging.StreamHandler()
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s {service} %(levelname)s [%(request_id)s] %(name)s: %(message)s")
+        logging.Formatter(
+            f"%(asctime)s {service} %(levelname)s [%(request_id)s] %(name)s: %(message)s"
+        )
     )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

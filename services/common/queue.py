@@ -8,6 +8,7 @@ it has been idle for `claim_idle_ms`. Cancel requests are flags the worker check
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -41,19 +42,20 @@ class JobQueue:
                 raise
 
     async def enqueue(self, job_id: str) -> str:
-        message_id = await self._redis.xadd(STREAM, {b"job_id": job_id.encode()})
+        message_id: Any = await self._redis.xadd(STREAM, {b"job_id": job_id.encode()})
         return str(message_id.decode())
 
     async def claim(self, consumer: str, block_ms: int) -> Delivery | None:
         """A reclaimed abandoned message first, else a new one (waiting up to `block_ms`)."""
-        _, reclaimed, *_ = await self._redis.xautoclaim(
+        claimed: Any = await self._redis.xautoclaim(
             STREAM, GROUP, consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=1
         )
+        reclaimed = claimed[1]
         for message_id, fields in reclaimed:
             if fields:  # a message deleted while pending comes back without fields
                 return Delivery(message_id.decode(), fields[b"job_id"].decode(), True)
             await self._redis.xack(STREAM, GROUP, message_id)
-        response = await self._redis.xreadgroup(
+        response: Any = await self._redis.xreadgroup(
             GROUP, consumer, {STREAM: ">"}, count=1, block=block_ms
         )
         for _, entries in response or ():
@@ -64,7 +66,11 @@ class JobQueue:
     async def touch(self, consumer: str, delivery: Delivery) -> None:
         """Resets the message's idle time so no other worker reclaims a job still running."""
         await self._redis.xclaim(
-            STREAM, GROUP, consumer, min_idle_time=0, message_ids=[delivery.message_id],
+            STREAM,
+            GROUP,
+            consumer,
+            min_idle_time=0,
+            message_ids=[delivery.message_id],
             justid=True,
         )
 
@@ -83,7 +89,8 @@ class JobQueue:
     async def backlog(self) -> int:
         """Messages not yet delivered plus those delivered and not acknowledged."""
         await self.ensure_group()
-        for group in await self._redis.xinfo_groups(STREAM):
+        groups: Any = await self._redis.xinfo_groups(STREAM)
+        for group in groups:
             if group["name"].decode() == GROUP:
                 return int(group.get("lag") or 0) + int(group["pending"])
         return 0

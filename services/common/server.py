@@ -66,7 +66,14 @@ async def start_server(
     for servicer in servicers:
         servicer.add(server)
     names = [s.name for s in servicers]
-    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
     port = server.add_insecure_port(addr)
     if port == 0:
         raise RuntimeError(f"cannot listen on {addr}")

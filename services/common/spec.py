@@ -150,7 +150,9 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
             field,
             f"must be between {model.min_size} and {model.max_size}",
         )
-        check(size % model.size_multiple == 0, field, f"must be a multiple of {model.size_multiple}")
+        check(
+            size % model.size_multiple == 0, field, f"must be a multiple of {model.size_multiple}"
+        )
     variants = spec.num_variants or 1
     check(1 <= variants <= model.max_variants, "num_variants", f"must be 1..{model.max_variants}")
     steps = spec.steps or model.default_steps
@@ -169,8 +171,14 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
         f"at most {MAX_GUIDANCE_IMAGES}",
     )
     for i, image in enumerate(spec.guidance_images):
-        check(bool(KEY_PATTERN.match(image.key)), f"guidance_images[{i}].key", "not a valid upload key")
-        check(image.role in GUIDANCE_ROLES, f"guidance_images[{i}].role", f"one of {GUIDANCE_ROLES}")
+        check(
+            bool(KEY_PATTERN.match(image.key)),
+            f"guidance_images[{i}].key",
+            "not a valid upload key",
+        )
+        check(
+            image.role in GUIDANCE_ROLES, f"guidance_images[{i}].role", f"one of {GUIDANCE_ROLES}"
+        )
     if spec.controlnet is not None:
         name, weight = spec.controlnet.name, spec.controlnet.weight
         check(name in CONTROLNET_NAMES, "controlnet.name", f"one of {CONTROLNET_NAMES}")

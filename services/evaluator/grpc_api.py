@@ -55,10 +55,10 @@ class EvaluatorServicer(evaluator_service_pb2_grpc.EvaluatorServiceServicer):
         evaluations = []
         for i in range(len(images)):
             evaluation = types_pb2.Evaluation(clip_score=scores.clip[i])
-            if scores.diversity[i] is not None:
-                evaluation.lpips_diversity = scores.diversity[i]
-            if scores.to_reference[i] is not None:
-                evaluation.lpips_to_reference = scores.to_reference[i]
+            if (diversity := scores.diversity[i]) is not None:
+                evaluation.lpips_diversity = diversity
+            if (to_reference := scores.to_reference[i]) is not None:
+                evaluation.lpips_to_reference = to_reference
             evaluations.append(evaluation)
         return pb.EvaluateResponse(
             evaluations=evaluations, primary_index=scores.primary_index, models=scorer.models

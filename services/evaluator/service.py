@@ -33,8 +33,6 @@ async def start(settings: EvaluatorSettings) -> Service:
         settings.max_message_bytes,
         serving=False,
     )
-    servicer.scorer = await asyncio.to_thread(
-        Scorer, settings.clip_path(), settings.lpips_backbone
-    )
+    servicer.scorer = await asyncio.to_thread(Scorer, settings.clip_path(), settings.lpips_backbone)
     await running.set_serving(True)
     return Service(running)

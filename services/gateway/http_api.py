@@ -19,7 +19,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from services.common.convert import STATUS_FROM_PB, message_to_json
-from services.common.errors import FieldViolation, InvalidArgument, NotFound, ServiceError, to_http_body
+from services.common.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    to_http_body,
+)
 from services.common.objectstore import LocalStore
 from services.common.spec import ControlNet, GuidanceImage, Spec
 from services.gateway.cost import Cost
@@ -139,7 +145,10 @@ def event_json(event: events_pb2.JobEvent) -> tuple[str, dict[str, Any]]:
             "models": list(event.evaluation.models),
         }
     if kind == "status":
-        return kind, {"status": STATUS_FROM_PB.get(event.status.status, ""), "stage": event.status.stage}
+        return kind, {
+            "status": STATUS_FROM_PB.get(event.status.status, ""),
+            "stage": event.status.stage,
+        }
     return kind, message_to_json(getattr(event, kind))
 
 
@@ -224,10 +233,17 @@ def build_app(jobs: JobService) -> Starlette:
                 "hit_count": entry.hit_count,
                 "expires_at": entry.expires_at.isoformat(),
                 "artifacts": [
-                    {"key": a.key, "url": jobs.objects.download_url(a.key), "width": a.width,
-                     "height": a.height, "variant_index": a.variant_index, "seed": a.seed,
-                     "semantic_score": a.clip_score, "perceptual_score": a.lpips_diversity,
-                     "is_primary": a.is_primary}
+                    {
+                        "key": a.key,
+                        "url": jobs.objects.download_url(a.key),
+                        "width": a.width,
+                        "height": a.height,
+                        "variant_index": a.variant_index,
+                        "seed": a.seed,
+                        "semantic_score": a.clip_score,
+                        "perceptual_score": a.lpips_diversity,
+                        "is_primary": a.is_primary,
+                    }
                     for a in entry.artifacts
                 ],
             }

@@ -15,6 +15,7 @@ from datetime import datetime
 from imagegen.v1 import events_pb2, types_pb2
 
 from services.cache.client import CacheClient
+from services.cache.entry import CacheEntry
 from services.common.convert import job_to_pb
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.events import EventLog, check_event_id
@@ -26,7 +27,6 @@ from services.common.jobstore import (
     JobRecord,
     JobStore,
 )
-from services.cache.entry import CacheEntry
 from services.common.models import ModelSpec, Registry
 from services.common.objectstore import ObjectStore
 from services.common.queue import JobQueue
@@ -100,9 +100,7 @@ class JobService:
                 cache_hit=True,
                 spec=replace(resolved, seed=hit.seed),
             )
-            artifacts = [
-                replace(a, id=str(uuid.uuid4()), job_id=job.id) for a in hit.artifacts
-            ]
+            artifacts = [replace(a, id=str(uuid.uuid4()), job_id=job.id) for a in hit.artifacts]
             stored, created = await self._store.create(job, idempotency_key, artifacts)
             if created:
                 await self._append_final(stored)
@@ -110,7 +108,10 @@ class JobService:
         stored, created = await self._store.create(job, idempotency_key)
         if created:
             await self._events.append(
-                stored.id, events_pb2.JobEvent(status=events_pb2.StatusEvent(status=types_pb2.JOB_STATUS_QUEUED))
+                stored.id,
+                events_pb2.JobEvent(
+                    status=events_pb2.StatusEvent(status=types_pb2.JOB_STATUS_QUEUED)
+                ),
             )
             try:
                 await self._queue.enqueue(stored.id)
@@ -137,11 +138,10 @@ class JobService:
         if status and status not in STATUS_NAMES:
             raise InvalidArgument.one("status", f"one of {STATUS_NAMES}")
         size = page_size or 20
-        jobs = await self._store.list(size, _decode_token(page_token), status or None)
+        jobs = await self._store.page(size, _decode_token(page_token), status or None)
         token = ""
-        if len(jobs) == size and jobs[-1].created_at is not None:
-            last = jobs[-1]
-            raw = f"{last.created_at.isoformat()}|{last.id}".encode()
+        if len(jobs) == size and (created := jobs[-1].created_at) is not None:
+            raw = f"{created.isoformat()}|{jobs[-1].id}".encode()
             token = base64.urlsafe_b64encode(raw).decode()
         return jobs, token
 
@@ -206,4 +206,3 @@ def _decode_token(token: str) -> tuple[datetime, str] | None:
         return datetime.fromisoformat(created), job_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument.one("page_token", "not a token from this service") from None
-

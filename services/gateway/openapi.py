@@ -12,8 +12,14 @@ def _op(summary: str, ok: str, body: str | None = None, **extra: Any) -> dict[st
         "summary": summary,
         "responses": {
             "200": {"description": ok},
-            "404": {"description": "unknown run", "content": {"application/json": {"schema": _ERROR}}},
-            "422": {"description": "bad field", "content": {"application/json": {"schema": _ERROR}}},
+            "404": {
+                "description": "unknown run",
+                "content": {"application/json": {"schema": _ERROR}},
+            },
+            "422": {
+                "description": "bad field",
+                "content": {"application/json": {"schema": _ERROR}},
+            },
         },
         **extra,
     }
@@ -32,7 +38,9 @@ OPENAPI: dict[str, Any] = {
     "info": {"title": "imagegen", "version": "1"},
     "paths": {
         "/api/generate/text-to-image": {
-            "post": _op("Create a generation job (or answer from the cache)", "the job", "GenerateRequest")
+            "post": _op(
+                "Create a generation job (or answer from the cache)", "the job", "GenerateRequest"
+            )
         },
         "/api/status/{run_id}": {"get": _op("Read a job", "the job", parameters=_RUN_ID)},
         "/api/status/stream/{run_id}": {
@@ -44,7 +52,9 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/jobs/{run_id}/cancel": {"post": _op("Cancel a job", "the job", parameters=_RUN_ID)},
         "/api/cost/estimate": {"post": _op("Price a request", "the price", "GenerateRequest")},
-        "/api/cache/lookup": {"post": _op("Look a request up in the prompt cache", "hit or miss", "GenerateRequest")},
+        "/api/cache/lookup": {
+            "post": _op("Look a request up in the prompt cache", "hit or miss", "GenerateRequest")
+        },
         "/api/models": {"get": _op("List the served models", "the models")},
     },
     "components": {

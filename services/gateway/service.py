@@ -87,8 +87,8 @@ async def start(settings: GatewaySettings) -> Service:
         )
     )
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
-    while not http.started and not http_task.done():
-        await asyncio.sleep(0.01)
+    while not http.started and not http_task.done():  # uvicorn offers no "started" event
+        await asyncio.sleep(0.01)  # noqa: ASYNC110
     if http_task.done():
         http_task.result()
 

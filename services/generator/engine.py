@@ -92,7 +92,7 @@ class Engine:
                 )
                 updates: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-                def put(kind: str, value: Any) -> None:
+                def put(kind: str, value: Any, updates: asyncio.Queue[Any] = updates) -> None:
                     loop.call_soon_threadsafe(updates.put_nowait, (kind, value))
 
                 loop.run_in_executor(self._executor, _run_one, runner, request, cancel, put)
@@ -137,5 +137,5 @@ def _run_one(
     try:
         image = runner.render(request, lambda step, total: put("step", step), cancel.is_set)
         put("done", (encode_png(image), (time.perf_counter() - started) * 1e3))
-    except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+    except BaseException as error:
         put("error", error)

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from imagegen.v1 import events_pb2, generator_service_pb2 as pb, generator_service_pb2_grpc
+from imagegen.v1 import events_pb2, generator_service_pb2_grpc
+from imagegen.v1 import generator_service_pb2 as pb
 
 from services.common.convert import artifact_to_pb, spec_from_pb, with_pb_fields
 from services.common.errors import InvalidArgument, Unavailable

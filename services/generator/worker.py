@@ -72,7 +72,7 @@ class QueueWorker:
         while not stop.is_set():
             try:
                 delivery = await self._queue.claim(self.consumer, block_ms=1000)
-            except Exception:  # noqa: BLE001 - Redis away: wait and try again
+            except Exception:
                 log.exception("claim failed")
                 await asyncio.sleep(1)
                 continue
@@ -89,9 +89,12 @@ class QueueWorker:
             await self._end(job_id, FAILED, f"gave up after {attempt - 1} attempts")
             await self._queue.dead_letter(delivery, "too many attempts")
             return
-        await self._append(job_id, status=events_pb2.StatusEvent(
-            status=types_pb2.JOB_STATUS_RUNNING, stage="generating", attempt=attempt
-        ))
+        await self._append(
+            job_id,
+            status=events_pb2.StatusEvent(
+                status=types_pb2.JOB_STATUS_RUNNING, stage="generating", attempt=attempt
+            ),
+        )
         cancel = threading.Event()
         keeper = asyncio.create_task(self._keep_alive(delivery, cancel))
         try:
@@ -99,7 +102,7 @@ class QueueWorker:
             await self._generate(job, cancel)
         except StepCancelled:
             await self._end(job_id, CANCELLED, stage="cancelled")
-        except Exception as error:  # noqa: BLE001 - any failure is retried, then fails the job
+        except Exception as error:
             log.exception("job %s attempt %d failed", job_id, attempt)
             await self._retry_or_fail(delivery, attempt, error)
             return
@@ -113,27 +116,31 @@ class QueueWorker:
         last_db_write = 0.0
         async for item in self._engine.render(spec, cancel):
             if isinstance(item, Step):
-                await self._append(job.id, progress=events_pb2.ProgressEvent(
-                    variant_index=item.variant_index,
-                    step=item.step,
-                    total_steps=item.total_steps,
-                    percent=item.percent,
-                    eta_ms=item.eta_ms,
-                ))
+                await self._append(
+                    job.id,
+                    progress=events_pb2.ProgressEvent(
+                        variant_index=item.variant_index,
+                        step=item.step,
+                        total_steps=item.total_steps,
+                        percent=item.percent,
+                        eta_ms=item.eta_ms,
+                    ),
+                )
                 if time.monotonic() - last_db_write > PROGRESS_DB_INTERVAL_SECONDS:
                     last_db_write = time.monotonic()
                     await self._store.set_stage(job.id, "generating", item.percent)
             else:
                 artifact = await self._save(job.id, item)
                 artifacts.append(artifact)
-                await self._append(job.id, artifact=events_pb2.ArtifactEvent(
-                    artifact=artifact_to_pb(artifact, _no_url)
-                ))
+                await self._append(
+                    job.id,
+                    artifact=events_pb2.ArtifactEvent(artifact=artifact_to_pb(artifact, _no_url)),
+                )
         await self._store.set_stage(job.id, "evaluating", 100.0)
         artifacts = await self._evaluate(job, artifacts)
         try:
             await self._cache.store(spec, job.id, artifacts)
-        except Exception:  # noqa: BLE001 - the images are safe; only reuse is lost
+        except Exception:
             log.warning("job %s: cache store failed", job.id, exc_info=True)
         await self._end(job.id, COMPLETED, stage="done")
 
@@ -154,7 +161,9 @@ class QueueWorker:
             )
         )
 
-    async def _evaluate(self, job: JobRecord, artifacts: list[ArtifactRecord]) -> list[ArtifactRecord]:
+    async def _evaluate(
+        self, job: JobRecord, artifacts: list[ArtifactRecord]
+    ) -> list[ArtifactRecord]:
         result = await self._evaluator.evaluate(
             [a.key for a in artifacts], job.spec.text_prompt(), job.spec.reference_key()
         )
@@ -171,17 +180,20 @@ class QueueWorker:
         ]
         await self._store.set_scores(job.id, scored, result.models)
         ordered = sorted(scored, key=lambda a: (not a.is_primary, a.variant_index))
-        await self._append(job.id, evaluation=events_pb2.EvaluationEvent(
-            artifacts=[artifact_to_pb(a, _no_url) for a in ordered], models=result.models
-        ))
+        await self._append(
+            job.id,
+            evaluation=events_pb2.EvaluationEvent(
+                artifacts=[artifact_to_pb(a, _no_url) for a in ordered], models=result.models
+            ),
+        )
         return scored
 
     async def _retry_or_fail(self, delivery: Delivery, attempt: int, error: Exception) -> None:
         message = f"{type(error).__name__}: {error}"[:500]
         retrying = attempt < self._max_attempts
-        await self._append(delivery.job_id, error=events_pb2.ErrorEvent(
-            message=message, retrying=retrying
-        ))
+        await self._append(
+            delivery.job_id, error=events_pb2.ErrorEvent(message=message, retrying=retrying)
+        )
         if retrying and await self._store.requeue(delivery.job_id, message):
             await self._queue.enqueue(delivery.job_id)
             await self._queue.ack(delivery)

@@ -108,9 +108,9 @@ def test_render_in_fresh_process_matches(runner: PipelineRunner, tiny_sd_dir: Pa
         "image = runner.render(req, lambda done, total: None, lambda: False)\n"
         "print(hashlib.sha256(encode_png(image)).hexdigest())\n"
     )
+    request_json = json.dumps(dataclasses.asdict(REQUEST))
     result = subprocess.run(
-        [sys.executable, "-W", "error", "-c", script, str(tiny_sd_dir)]
-        + [json.dumps(dataclasses.asdict(REQUEST))],
+        [sys.executable, "-W", "error", "-c", script, str(tiny_sd_dir), request_json],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -1,0 +1,182 @@
+"""Shared fixtures: real Postgres and Redis (embedded, or external via TEST_DATABASE_URL and
+TEST_REDIS_URL), the tiny models, and the services started in this process on 127.0.0.1:0.
+
+Each test module gets its own Postgres database and Redis database, so queues, caches and jobs of
+one module never leak into another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from services.common.server import Service
+from services.common.settings import (
+    CacheSettings,
+    EvaluatorSettings,
+    GatewaySettings,
+    GeneratorSettings,
+)
+from services.mesh import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+_redis_dbs = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class StoreUrls:
+    database_url: str
+    redis_url: str
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreUrls]:
+    external = os.environ.get("TEST_DATABASE_URL"), os.environ.get("TEST_REDIS_URL")
+    if all(external):
+        yield StoreUrls(*external)  # type: ignore[arg-type]
+        return
+    from services.common.embedded import start_embedded
+
+    embedded = start_embedded(tmp_path_factory.mktemp("stores"))
+    yield StoreUrls(embedded.database_url, embedded.redis_url)
+    embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The models `make models` built, or a fresh build when run outside make."""
+    built = Path(os.environ.get("MODEL_DIR", ROOT / ".data" / "models"))
+    if (built / "tiny-sd" / "model_index.json").exists() and (built / "tiny-clip").exists():
+        return built
+    from services.evaluator.tiny_models import build_tiny_clip
+    from services.generator.tiny_models import build_tiny_sd
+
+    target = tmp_path_factory.mktemp("models")
+    build_tiny_sd(target)
+    build_tiny_clip(target)
+    return target
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, query = url.partition("?")
+    base = base.rsplit("/", 1)[0] + "/" + name
+    return f"{base}?{query}" if query else base
+
+
+def _with_redis_db(url: str, db: int) -> str:
+    if url.startswith("unix://"):
+        return f"{url.split('?')[0]}?db={db}"
+    return f"{url.rstrip('/').rsplit('/', 1)[0] if url.count('/') > 2 else url}/{db}"
+
+
+@dataclass(frozen=True)
+class TestEnv:
+    """Settings for one module's services: its own databases, objects folder and models."""
+
+    database_url: str
+    redis_url: str
+    model_dir: Path
+    data_dir: Path
+    http_port: int
+
+    def settings(self, cls: type[Any], **overrides: Any) -> Any:
+        values: dict[str, Any] = {
+            "database_url": self.database_url,
+            "redis_url": self.redis_url,
+            "model_dir": self.model_dir,
+            "data_dir": self.data_dir,
+            "url_signing_key": "test-signing-key",
+            "listen_addr": "127.0.0.1:0",
+            "grace_seconds": 1.0,
+            "public_base_url": f"http://127.0.0.1:{self.http_port}",
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def env(
+    stores: StoreUrls, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[TestEnv]:
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(stores.database_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    redis_db = next(_redis_dbs) % 16
+    yield TestEnv(
+        _with_database(stores.database_url, name),
+        _with_redis_db(stores.redis_url, redis_db),
+        model_dir,
+        tmp_path_factory.mktemp("data"),
+        free_port(),
+    )
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(_with_redis_db(stores.redis_url, redis_db))
+    await client.flushdb()
+    await client.aclose()
+
+
+@dataclass
+class Mesh:
+    """Services started in this process, by name."""
+
+    services: dict[str, Service]
+
+    def addr(self, name: str) -> str:
+        return f"127.0.0.1:{self.services[name].port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.services['gateway'].http_port}"
+
+    async def stop(self) -> None:
+        for service in reversed(list(self.services.values())):
+            await service.stop(1.0)
+
+
+async def start_in_process(env: TestEnv, names: tuple[str, ...], workers: int = 1) -> Mesh:
+    """Starts the named services (in dependency order) wired to each other."""
+    mesh = Mesh({})
+    addrs: dict[str, str] = {}
+
+    def peers() -> dict[str, Any]:
+        return {f"{name}_addr": addr for name, addr in addrs.items() if name != "gateway"}
+
+    try:
+        if "cache" in names:
+            from services.cache.service import start as start_cache
+
+            mesh.services["cache"] = await start_cache(env.settings(CacheSettings))
+            addrs["cache"] = mesh.addr("cache")
+        if "evaluator" in names:
+            from services.evaluator.service import start as start_evaluator
+
+            mesh.services["evaluator"] = await start_evaluator(env.settings(EvaluatorSettings))
+            addrs["evaluator"] = mesh.addr("evaluator")
+        if "generator" in names:
+            from services.generator.service import start as start_generator
+
+            mesh.services["generator"] = await start_generator(
+                env.settings(GeneratorSettings, workers=workers, claim_idle_ms=2000, **peers())
+            )
+            addrs["generator"] = mesh.addr("generator")
+        if "gateway" in names:
+            from services.gateway.service import start as start_gateway
+
+            mesh.services["gateway"] = await start_gateway(
+                env.settings(GatewaySettings, http_port=env.http_port, **peers())
+            )
+    except BaseException:
+        await mesh.stop()
+        raise
+    return mesh
