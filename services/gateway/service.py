@@ -87,8 +87,9 @@ async def start(settings: GatewaySettings) -> Service:
         )
     )
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
-    while not http.started and not http_task.done():  # uvicorn offers no "started" event
-        await asyncio.sleep(0.01)  # noqa: ASYNC110
+    # uvicorn offers no "started" event to wait on
+    while not http.started and not http_task.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
     if http_task.done():
         http_task.result()
 
