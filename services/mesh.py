@@ -67,13 +67,17 @@ class Mesh:
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
             output = (log_dir / f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
-            env=self.env,
-            stdout=output,
-            stderr=subprocess.STDOUT if output else None,
-            stdin=subprocess.DEVNULL,
-        )
+        try:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                env=self.env,
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            if output is not None:
+                output.close()  # the child holds its own copy
 
     def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         process = self.processes.pop(name)

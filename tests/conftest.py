@@ -79,7 +79,7 @@ def _with_redis_db(url: str, db: int) -> str:
 
 
 @dataclass(frozen=True)
-class TestEnv:
+class ServiceEnv:
     """Settings for one module's services: its own databases, objects folder and models."""
 
     database_url: str
@@ -106,13 +106,13 @@ class TestEnv:
 @pytest_asyncio.fixture(scope="module")
 async def env(
     stores: StoreUrls, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[TestEnv]:
+) -> AsyncIterator[ServiceEnv]:
     name = f"test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(stores.database_url)
     await admin.execute(f"CREATE DATABASE {name}")
     await admin.close()
     redis_db = next(_redis_dbs) % 16
-    yield TestEnv(
+    yield ServiceEnv(
         _with_database(stores.database_url, name),
         _with_redis_db(stores.redis_url, redis_db),
         model_dir,
@@ -144,7 +144,7 @@ class Mesh:
             await service.stop(1.0)
 
 
-async def start_in_process(env: TestEnv, names: tuple[str, ...], workers: int = 1) -> Mesh:
+async def start_in_process(env: ServiceEnv, names: tuple[str, ...], workers: int = 1) -> Mesh:
     """Starts the named services (in dependency order) wired to each other."""
     mesh = Mesh({})
     addrs: dict[str, str] = {}

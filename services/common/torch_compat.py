@@ -69,11 +69,7 @@ def torchvision_ops_are_stubs() -> bool:
 
 
 def _torchvision_ops_exist() -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw("torchvision::nms", "")
-    except RuntimeError:
-        return False
-    return True
+    return hasattr(torch.ops.torchvision, "nms")
 
 
 def _load_torchvision_extension() -> bool:

@@ -81,6 +81,9 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
             model = open_clip.CLIP(**TINY_CLIP_CONFIG["model_cfg"])
         weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
         save_file(weights, str(staging / WEIGHTS_FILE))
+        # Readable by every service user (safetensors writes its files owner-only).
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

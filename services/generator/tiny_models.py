@@ -71,6 +71,9 @@ def build_tiny_sd(out_dir: Path, seed: int = 0) -> Path:
         )
         pipeline = _assemble_pipeline(tokenizer, seed)
         pipeline.save_pretrained(str(staging), safe_serialization=True)
+        # Readable by every service user (safetensors writes its files owner-only).
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
