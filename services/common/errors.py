@@ -70,6 +70,11 @@ class NotFound(ServiceError):
     http_status = 404
 
 
+class Forbidden(ServiceError):
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
 class FailedPrecondition(ServiceError):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
     http_status = 409
@@ -107,7 +112,7 @@ class QuotaExceeded(ServiceError):
 
 _BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
     cls.grpc_code: cls
-    for cls in (NotFound, FailedPrecondition, Unavailable, Cancelled, ServiceError)
+    for cls in (NotFound, Forbidden, FailedPrecondition, Unavailable, Cancelled, ServiceError)
 }
 
 

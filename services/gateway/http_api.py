@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from services.common.convert import STATUS_FROM_PB, message_to_json
 from services.common.errors import (
-    FieldViolation,
+    Forbidden,
     InvalidArgument,
     NotFound,
     ServiceError,
@@ -31,6 +31,7 @@ from services.common.spec import ControlNet, GuidanceImage, Spec
 from services.gateway.cost import Cost
 from services.gateway.jobs import JobService
 from services.gateway.openapi import OPENAPI
+from services.gateway.uploads import check_upload, presign
 
 STATIC = Path(__file__).parent / "static"
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
@@ -274,23 +275,52 @@ def build_app(jobs: JobService) -> Starlette:
             }
         )
 
-    async def files(request: Request) -> Response:
-        store = jobs.objects
-        key = request.path_params["key"]
-        q = request.query_params
+    def _signed_local(request: Request, method: str) -> tuple[LocalStore, str]:
+        store, key, q = jobs.objects, request.path_params["key"], request.query_params
         if not isinstance(store, LocalStore):
             raise NotFound("files are served by the object store")
-        if not store.verify("GET", key, q.get("expires", ""), q.get("signature", "")):
-            return JSONResponse(
-                to_http_body(InvalidArgument([FieldViolation("signature", "invalid or expired")])),
-                status_code=403,
-            )
+        if not store.verify(method, key, q.get("expires", ""), q.get("signature", "")):
+            raise Forbidden("the URL's signature is invalid or expired")
+        return store, key
+
+    async def files(request: Request) -> Response:
+        store, key = _signed_local(request, "GET")
         data = await store.get(key)
         return Response(
             data,
             media_type="image/png" if key.endswith(".png") else "application/octet-stream",
             headers={"Cache-Control": "private, max-age=3600, immutable"},
         )
+
+    async def presign_upload(request: Request) -> Response:
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise InvalidArgument.one("", "the body must be a JSON object")
+        upload = presign(
+            jobs.objects,
+            content_type=_field(body, "content_type", str, ""),
+            sha256=_field(body, "sha256", str, ""),
+            size_bytes=_field(body, "size_bytes", int, 0),
+            ttl_seconds=jobs.url_ttl_seconds,
+        )
+        return JSONResponse(
+            {
+                "key": upload.key,
+                "upload_url": upload.upload_url,
+                "method": "PUT",
+                "headers": {"Content-Type": upload.content_type},
+                "expires_at": upload.expires_at,
+            }
+        )
+
+    async def put_file(request: Request) -> Response:
+        store, key = _signed_local(request, "PUT")
+        if not key.startswith("uploads/"):
+            raise InvalidArgument.one("key", "only uploads are written through this route")
+        data = await request.body()
+        check_upload(key, data)
+        await store.put(key, data, request.headers.get("content-type", ""))
+        return JSONResponse({"key": key}, status_code=201)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(OPENAPI)
@@ -310,7 +340,9 @@ def build_app(jobs: JobService) -> Starlette:
         Route("/api/cost/estimate", _errors(estimate), methods=["POST"]),
         Route("/api/cache/lookup", _errors(cache_lookup), methods=["POST"]),
         Route("/api/models", _errors(models)),
-        Route("/files/{key:path}", _errors(files)),
+        Route("/api/uploads/presign", _errors(presign_upload), methods=["POST"]),
+        Route("/files/{key:path}", _errors(files), methods=["GET"]),
+        Route("/files/{key:path}", _errors(put_file), methods=["PUT"]),
         Route("/openapi.json", openapi),
         Route("/healthz", healthz),
     ]

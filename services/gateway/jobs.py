@@ -17,7 +17,7 @@ from imagegen.v1 import events_pb2, types_pb2
 from services.cache.client import CacheClient
 from services.cache.entry import CacheEntry
 from services.common.convert import job_to_pb
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import FieldViolation, InvalidArgument, Unavailable
 from services.common.events import EventLog, check_event_id
 from services.common.jobstore import (
     CANCELLED,
@@ -54,6 +54,7 @@ class JobService:
         cache: CacheClient,
         registry: Registry,
         objects: ObjectStore,
+        url_ttl_seconds: int = 3600,
     ) -> None:
         self._store = store
         self._events = events
@@ -61,6 +62,7 @@ class JobService:
         self._cache = cache
         self._registry = registry
         self.objects = objects
+        self.url_ttl_seconds = url_ttl_seconds
 
     def estimate(self, spec: Spec) -> Cost:
         resolved = resolve(spec, self._registry)
@@ -77,6 +79,7 @@ class JobService:
         if len(idempotency_key) > 200:
             raise InvalidArgument.one("idempotency_key", "at most 200 characters")
         resolved = resolve(spec, self._registry)
+        await self._check_uploads(resolved)
         model = self._registry.get(resolved.model)
         cost = estimate(resolved, model)
         key, _ = cache_keys(resolved, model)
@@ -119,6 +122,19 @@ class JobService:
                 await self._store.finish(stored.id, "failed", "could not be queued")
                 raise Unavailable("the job queue is unavailable") from error
         return Admission(stored, cost, created)
+
+    async def _check_uploads(self, spec: Spec) -> None:
+        """Every guidance image and ControlNet mask must have been uploaded."""
+        keys = [(f"guidance_images[{i}].key", g.key) for i, g in enumerate(spec.guidance_images)]
+        if spec.controlnet is not None and spec.controlnet.mask_key:
+            keys.append(("controlnet.mask", spec.controlnet.mask_key))
+        missing = [
+            FieldViolation(field, "no such upload")
+            for field, key in keys
+            if not await self.objects.exists(key)
+        ]
+        if missing:
+            raise InvalidArgument(missing)
 
     async def lookup_cache(self, spec: Spec, seed_agnostic: bool) -> CacheEntry | None:
         return await self._cache.lookup(resolve(spec, self._registry), seed_agnostic)

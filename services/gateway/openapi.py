@@ -56,6 +56,12 @@ OPENAPI: dict[str, Any] = {
             "post": _op("Look a request up in the prompt cache", "hit or miss", "GenerateRequest")
         },
         "/api/models": {"get": _op("List the served models", "the models")},
+        "/api/uploads/presign": {
+            "post": _op(
+                "Presign the upload of a guidance image ({content_type, sha256, size_bytes})",
+                "{key, upload_url, method, headers, expires_at}: PUT the bytes to upload_url",
+            )
+        },
     },
     "components": {
         "schemas": {

@@ -58,6 +58,7 @@ async def start(settings: GatewaySettings) -> Service:
         CacheClient(cache_channel),
         registry,
         objects,
+        settings.url_ttl_seconds,
     )
     image, cost = ImageServicer(jobs), CostServicer(jobs)
     running = await start_server(
