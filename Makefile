@@ -19,7 +19,6 @@ export PYTHONUNBUFFERED := 1
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements/*.txt
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c requirements/constraints.txt torch==2.13.0
 	$(PIP) install -q -c requirements/constraints.txt -r requirements/base.txt -r requirements/ml.txt -r requirements/dev.txt
 	touch $@
