@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -20,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from imagegen.v1 import image_service_pb2, image_service_pb2_grpc, types_pb2
 from PIL import Image
 
+from services.demo import sse_events
 from services.mesh import Mesh, Ports, start_mesh
 from tests.conftest import ROOT, ServiceEnv
 
@@ -59,22 +59,6 @@ def mesh(env: ServiceEnv) -> Iterator[Mesh]:
     assert codes == dict.fromkeys(codes, 0), f"services did not stop cleanly: {codes}"
 
 
-async def sse_events(client: httpx.AsyncClient, path: str) -> AsyncIterator[dict[str, Any]]:
-    """Parses a text/event-stream into {id, event, data} dicts."""
-    async with client.stream("GET", path) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        event: dict[str, Any] = {}
-        async for line in response.aiter_lines():
-            if not line:
-                if event:
-                    yield event
-                event = {}
-                continue
-            name, _, value = line.partition(": ")
-            event[name] = json.loads(value) if name == "data" else value
-
-
 async def test_every_service_is_serving_and_reflects_its_services(mesh: Mesh) -> None:
     for name, services in SERVICES.items():
         async with grpc.aio.insecure_channel(mesh.addr(name)) as channel:
@@ -100,7 +84,10 @@ async def test_http_job_streams_progress_then_scored_pngs_then_a_byte_identical_
         assert job["cached_hit"] is False and job["seed"] == REQUEST["seed"]
         assert job["est_cost_cents"] == 1
 
-        events = [e async for e in sse_events(client, f"/api/status/stream/{job['run_id']}")]
+        stream_path = f"/api/status/stream/{job['run_id']}"
+        async with client.stream("GET", stream_path) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+        events = [e async for e in sse_events(client, stream_path)]
         kinds = [e["event"] for e in events]
         progress = [
             (e["data"]["variant_index"], e["data"]["step"])
