@@ -15,13 +15,11 @@ The same seed gives the same weight file, byte for byte.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from services.common.model_build import build_command, staged_folder
 from services.common.torch_compat import prepare_torch
 
 prepare_torch()
@@ -67,11 +65,7 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
     The folder is assembled next to its final place and moved in when complete, so a reader
     never sees half a model.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / TINY_CLIP_NAME
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP_NAME}-", dir=out_dir))
-    try:
-        staging.chmod(0o755)
+    with staged_folder(out_dir, TINY_CLIP_NAME) as staging:
         config_text = json.dumps(TINY_CLIP_CONFIG, indent=2, sort_keys=True) + "\n"
         (staging / CONFIG_FILE).write_text(config_text, encoding="utf-8")
         # Constructors draw initial weights from the global CPU generator; fork it so the build
@@ -81,31 +75,17 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
             model = open_clip.CLIP(**TINY_CLIP_CONFIG["model_cfg"])
         weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
         save_file(weights, str(staging / WEIGHTS_FILE))
-        # Readable by every service user (safetensors writes its files owner-only).
-        for path in staging.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return out_dir / TINY_CLIP_NAME
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, required=True, help="models folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="rebuild an existing model")
-    args = parser.parse_args(argv)
-    target = args.out / TINY_CLIP_NAME
-    if (target / WEIGHTS_FILE).exists() and not args.force:
-        print(f"{target}: exists, kept (--force rebuilds it)")
-        return
-    built = build_tiny_clip(args.out, seed=args.seed)
-    size = sum(f.stat().st_size for f in built.rglob("*") if f.is_file())
-    print(f"{built}: tiny open_clip model, seed {args.seed}, {size / 1e6:.1f} MB")
+    build_command(
+        argv,
+        "tiny open_clip model",
+        TINY_CLIP_NAME,
+        WEIGHTS_FILE,
+        build_tiny_clip,
+    )
 
 
 if __name__ == "__main__":

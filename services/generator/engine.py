@@ -13,13 +13,18 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imagegen.v1 import events_pb2
+
+from services.common.jobstore import ArtifactRecord
 from services.common.models import ModelSpec, Registry
+from services.common.objectstore import ObjectStore, content_key
 from services.common.spec import Spec
 from services.generator.pipeline import PipelineRunner, RenderRequest, encode_png
 
@@ -139,3 +144,30 @@ def _run_one(
         put("done", (encode_png(image), (time.perf_counter() - started) * 1e3))
     except BaseException as error:
         put("error", error)
+
+
+def progress_event(step: Step) -> events_pb2.ProgressEvent:
+    return events_pb2.ProgressEvent(
+        variant_index=step.variant_index,
+        step=step.step,
+        total_steps=step.total_steps,
+        percent=step.percent,
+        eta_ms=step.eta_ms,
+    )
+
+
+async def save_image(objects: ObjectStore, image: Rendered, job_id: str) -> ArtifactRecord:
+    """Stores a rendered PNG under its content address (once) and describes it."""
+    key = content_key(image.png, "images", "png")
+    if not await objects.exists(key):
+        await objects.put(key, image.png, "image/png")
+    return ArtifactRecord(
+        id=str(uuid.uuid4()),
+        job_id=job_id,
+        variant_index=image.variant_index,
+        key=key,
+        sha256=image.sha256,
+        width=image.width,
+        height=image.height,
+        seed=image.seed,
+    )

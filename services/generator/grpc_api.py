@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,11 +12,10 @@ from imagegen.v1 import generator_service_pb2 as pb
 
 from services.common.convert import artifact_to_pb, spec_from_pb, with_pb_fields
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.jobstore import ArtifactRecord
 from services.common.models import Registry
-from services.common.objectstore import ObjectStore, content_key
+from services.common.objectstore import ObjectStore
 from services.common.spec import resolve
-from services.generator.engine import Engine, Step
+from services.generator.engine import Engine, Step, progress_event, save_image
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -41,28 +39,9 @@ class GeneratorServicer(generator_service_pb2_grpc.GeneratorServiceServicer):
         cancel = threading.Event()  # set by the engine when this stream is closed early
         async for item in self._engine.render(spec, cancel):
             if isinstance(item, Step):
-                yield pb.GenerateResponse(
-                    progress=events_pb2.ProgressEvent(
-                        variant_index=item.variant_index,
-                        step=item.step,
-                        total_steps=item.total_steps,
-                        percent=item.percent,
-                        eta_ms=item.eta_ms,
-                    )
-                )
+                yield pb.GenerateResponse(progress=progress_event(item))
                 continue
-            key = content_key(item.png, "images", "png")
-            await self._objects.put(key, item.png, "image/png")
-            artifact = ArtifactRecord(
-                id=str(uuid.uuid4()),
-                job_id="",
-                variant_index=item.variant_index,
-                key=key,
-                sha256=item.sha256,
-                width=item.width,
-                height=item.height,
-                seed=item.seed,
-            )
+            artifact = await save_image(self._objects, item, job_id="")
             yield pb.GenerateResponse(
                 artifact=events_pb2.ArtifactEvent(
                     artifact=artifact_to_pb(artifact, self._objects.download_url)

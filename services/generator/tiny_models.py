@@ -15,14 +15,12 @@ The same seed gives the same weight files, byte for byte.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from services.common.model_build import build_command, staged_folder
 from services.common.torch_compat import prepare_torch
 
 prepare_torch()
@@ -55,11 +53,7 @@ def build_tiny_sd(out_dir: Path, seed: int = 0) -> Path:
     The folder is assembled next to its final place and moved in when complete, so a reader
     never sees half a model.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / TINY_SD_NAME
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_SD_NAME}-", dir=out_dir))
-    try:
-        staging.chmod(0o755)
+    with staged_folder(out_dir, TINY_SD_NAME) as staging:
         vocab, merges = clip_bpe_vocab()
         tokenizer_dir = staging / "tokenizer"
         write_clip_bpe_files(tokenizer_dir, vocab, merges)
@@ -71,16 +65,7 @@ def build_tiny_sd(out_dir: Path, seed: int = 0) -> Path:
         )
         pipeline = _assemble_pipeline(tokenizer, seed)
         pipeline.save_pretrained(str(staging), safe_serialization=True)
-        # Readable by every service user (safetensors writes its files owner-only).
-        for path in staging.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return out_dir / TINY_SD_NAME
 
 
 def clip_bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -188,18 +173,13 @@ def _assemble_pipeline(tokenizer: CLIPTokenizer, seed: int) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, required=True, help="models folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="rebuild an existing model")
-    args = parser.parse_args(argv)
-    target = args.out / TINY_SD_NAME
-    if (target / "model_index.json").exists() and not args.force:
-        print(f"{target}: exists, kept (--force rebuilds it)")
-        return
-    built = build_tiny_sd(args.out, seed=args.seed)
-    size = sum(f.stat().st_size for f in built.rglob("*") if f.is_file())
-    print(f"{built}: tiny Stable Diffusion pipeline, seed {args.seed}, {size / 1e6:.1f} MB")
+    build_command(
+        argv,
+        "tiny Stable Diffusion pipeline",
+        TINY_SD_NAME,
+        "model_index.json",
+        build_tiny_sd,
+    )
 
 
 if __name__ == "__main__":

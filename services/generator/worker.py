@@ -11,7 +11,6 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from dataclasses import replace
 
 from imagegen.v1 import events_pb2, types_pb2
@@ -27,10 +26,10 @@ from services.common.jobstore import (
     JobRecord,
     JobStore,
 )
-from services.common.objectstore import ObjectStore, content_key
+from services.common.objectstore import ObjectStore
 from services.common.queue import Delivery, JobQueue
 from services.evaluator.client import EvaluatorClient
-from services.generator.engine import Engine, Rendered, Step
+from services.generator.engine import Engine, Step, progress_event, save_image
 from services.generator.pipeline import StepCancelled
 
 log = logging.getLogger("imagegen.worker")
@@ -116,21 +115,14 @@ class QueueWorker:
         last_db_write = 0.0
         async for item in self._engine.render(spec, cancel):
             if isinstance(item, Step):
-                await self._append(
-                    job.id,
-                    progress=events_pb2.ProgressEvent(
-                        variant_index=item.variant_index,
-                        step=item.step,
-                        total_steps=item.total_steps,
-                        percent=item.percent,
-                        eta_ms=item.eta_ms,
-                    ),
-                )
+                await self._append(job.id, progress=progress_event(item))
                 if time.monotonic() - last_db_write > PROGRESS_DB_INTERVAL_SECONDS:
                     last_db_write = time.monotonic()
                     await self._store.set_stage(job.id, "generating", item.percent)
             else:
-                artifact = await self._save(job.id, item)
+                artifact = await self._store.add_artifact(
+                    await save_image(self._objects, item, job.id)
+                )
                 artifacts.append(artifact)
                 await self._append(
                     job.id,
@@ -143,23 +135,6 @@ class QueueWorker:
         except Exception:
             log.warning("job %s: cache store failed", job.id, exc_info=True)
         await self._end(job.id, COMPLETED, stage="done")
-
-    async def _save(self, job_id: str, image: Rendered) -> ArtifactRecord:
-        key = content_key(image.png, "images", "png")
-        if not await self._objects.exists(key):
-            await self._objects.put(key, image.png, "image/png")
-        return await self._store.add_artifact(
-            ArtifactRecord(
-                id=str(uuid.uuid4()),
-                job_id=job_id,
-                variant_index=image.variant_index,
-                key=key,
-                sha256=image.sha256,
-                width=image.width,
-                height=image.height,
-                seed=image.seed,
-            )
-        )
 
     async def _evaluate(
         self, job: JobRecord, artifacts: list[ArtifactRecord]
