@@ -6,6 +6,7 @@ event, which is itself the one event schema.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ _ROLE_TO_PB = {
 _ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
 # Domain (and HTTP) field names whose protobuf name differs.
 _PB_FIELD = {"prompt": "text", "width": "width_px", "height": "height_px", "mask": "mask_key"}
+_SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec))
 
 
 def spec_from_pb(message: types_pb2.GenerationSpec) -> Spec:
@@ -101,12 +103,15 @@ def spec_to_pb(spec: Spec) -> types_pb2.GenerationSpec:
 
 
 def _pb_path(field: str, prefix: str) -> str:
+    if field.split(".", 1)[0].split("[", 1)[0] not in _SPEC_FIELDS:
+        return field  # a field of the request itself (idempotency_key), not of its spec
     parts = [_PB_FIELD.get(p, p) for p in re.split(r"\.(?![^\[]*\])", field) if p]
     return ".".join([prefix, *parts]) if prefix else ".".join(parts)
 
 
 def with_pb_fields(error: InvalidArgument, prefix: str = "spec") -> InvalidArgument:
-    """The same violations named by their protobuf paths (`width` -> `spec.width_px`)."""
+    """The same violations named by their protobuf paths (`width` -> `spec.width_px`); fields
+    that are not spec fields keep their names."""
     return InvalidArgument(
         [FieldViolation(_pb_path(v.field, prefix), v.description) for v in error.violations]
     )

@@ -139,11 +139,14 @@ def event_json(event: events_pb2.JobEvent) -> tuple[str, dict[str, Any]]:
     if kind == "final":
         return kind, job_json(event.final.job)
     if kind == "artifact":
-        return kind, artifact_json(event.artifact.artifact)
+        a = event.artifact
+        timings = {"render_ms": a.render_ms, "encode_ms": a.encode_ms, "store_ms": a.store_ms}
+        return kind, {**artifact_json(a.artifact), **timings}
     if kind == "evaluation":
         return kind, {
             "artifacts": [artifact_json(a) for a in event.evaluation.artifacts],
             "models": list(event.evaluation.models),
+            "evaluate_ms": event.evaluation.evaluate_ms,
         }
     if kind == "status":
         return kind, {

@@ -49,6 +49,7 @@ class Rendered:
     width: int
     height: int
     render_ms: float
+    encode_ms: float
 
 
 class Engine:
@@ -116,7 +117,7 @@ class Engine:
                     elif kind == "error":
                         raise value
                     else:
-                        png, render_ms = value
+                        png, render_ms, encode_ms = value
                         yield Rendered(
                             variant_index=index,
                             seed=request.seed,
@@ -125,6 +126,7 @@ class Engine:
                             width=spec.width,
                             height=spec.height,
                             render_ms=render_ms,
+                            encode_ms=encode_ms,
                         )
                         break
         finally:
@@ -141,7 +143,10 @@ def _run_one(
     started = time.perf_counter()
     try:
         image = runner.render(request, lambda step, total: put("step", step), cancel.is_set)
-        put("done", (encode_png(image), (time.perf_counter() - started) * 1e3))
+        rendered = time.perf_counter()
+        png = encode_png(image)
+        encoded = time.perf_counter()
+        put("done", (png, (rendered - started) * 1e3, (encoded - rendered) * 1e3))
     except BaseException as error:
         put("error", error)
 

@@ -120,13 +120,19 @@ class QueueWorker:
                     last_db_write = time.monotonic()
                     await self._store.set_stage(job.id, "generating", item.percent)
             else:
+                started = time.perf_counter()
                 artifact = await self._store.add_artifact(
                     await save_image(self._objects, item, job.id)
                 )
                 artifacts.append(artifact)
                 await self._append(
                     job.id,
-                    artifact=events_pb2.ArtifactEvent(artifact=artifact_to_pb(artifact, _no_url)),
+                    artifact=events_pb2.ArtifactEvent(
+                        artifact=artifact_to_pb(artifact, _no_url),
+                        render_ms=item.render_ms,
+                        encode_ms=item.encode_ms,
+                        store_ms=(time.perf_counter() - started) * 1e3,
+                    ),
                 )
         await self._store.set_stage(job.id, "evaluating", 100.0)
         artifacts = await self._evaluate(job, artifacts)
@@ -139,9 +145,11 @@ class QueueWorker:
     async def _evaluate(
         self, job: JobRecord, artifacts: list[ArtifactRecord]
     ) -> list[ArtifactRecord]:
+        started = time.perf_counter()
         result = await self._evaluator.evaluate(
             [a.key for a in artifacts], job.spec.text_prompt(), job.spec.reference_key()
         )
+        evaluate_ms = (time.perf_counter() - started) * 1e3
         scored = [
             replace(
                 a,
@@ -158,7 +166,9 @@ class QueueWorker:
         await self._append(
             job.id,
             evaluation=events_pb2.EvaluationEvent(
-                artifacts=[artifact_to_pb(a, _no_url) for a in ordered], models=result.models
+                artifacts=[artifact_to_pb(a, _no_url) for a in ordered],
+                models=result.models,
+                evaluate_ms=evaluate_ms,
             ),
         )
         return scored
