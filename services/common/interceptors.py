@@ -69,7 +69,7 @@ def _wrap_unary(method: str, behaviour: Any) -> Any:
             return await behaviour(request, context)
         except (grpc.aio.AbortError, AssertionError):
             raise
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - the one place that maps every error
             await _abort(context, method, error)
         finally:
             log.debug("%s took %.1f ms", method, (time.perf_counter() - started) * 1e3)
@@ -87,7 +87,7 @@ def _wrap_stream(method: str, behaviour: Any) -> Any:
                 yield response
         except grpc.aio.AbortError:
             raise
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - the one place that maps every error
             await _abort(context, method, error)
 
     return wrapped

@@ -85,11 +85,14 @@ def normalize_prompt(text: str) -> str:
 
 
 def canonical_fibo(value: Any) -> Any:
-    """Keys sorted and nulls dropped, recursively (sorting is done by the JSON encoder)."""
+    """Keys sorted and nulls dropped, recursively (sorting is done by the JSON encoder); whole
+    numbers as integers, since a protobuf Struct turns every number into a double."""
     if isinstance(value, dict):
         return {k: canonical_fibo(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
         return [canonical_fibo(v) for v in value if v is not None]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 

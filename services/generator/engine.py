@@ -147,7 +147,7 @@ def _run_one(
         png = encode_png(image)
         encoded = time.perf_counter()
         put("done", (png, (rendered - started) * 1e3, (encoded - rendered) * 1e3))
-    except BaseException as error:
+    except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
         put("error", error)
 
 

@@ -71,7 +71,7 @@ class QueueWorker:
         while not stop.is_set():
             try:
                 delivery = await self._queue.claim(self.consumer, block_ms=1000)
-            except Exception:
+            except Exception:  # Redis away: wait and try again
                 log.exception("claim failed")
                 await asyncio.sleep(1)
                 continue
@@ -101,7 +101,7 @@ class QueueWorker:
             await self._generate(job, cancel)
         except StepCancelled:
             await self._end(job_id, CANCELLED, stage="cancelled")
-        except Exception as error:
+        except Exception as error:  # any failure is retried, then fails the job
             log.exception("job %s attempt %d failed", job_id, attempt)
             await self._retry_or_fail(delivery, attempt, error)
             return
@@ -138,7 +138,7 @@ class QueueWorker:
         artifacts = await self._evaluate(job, artifacts)
         try:
             await self._cache.store(spec, job.id, artifacts)
-        except Exception:
+        except Exception:  # the images are safe; only their reuse is lost
             log.warning("job %s: cache store failed", job.id, exc_info=True)
         await self._end(job.id, COMPLETED, stage="done")
 

@@ -1,0 +1,123 @@
+"""Renders benchmark results as the Markdown tables of bench/RESULTS.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells) + " |"
+
+
+def render(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run {r['date']} by `make bench` in {r['wall_s']:.0f} s on {m['cores']} cores "
+        f"({m['cpu']}), GPU: {m['gpu']}, Python {m['python']}, {m['system']}. "
+        "Figures are medians of repeated runs; each baseline ran in the same run.",
+        "",
+    ]
+    o = r["mesh_overhead"]
+    p = o["params"]
+    lines += [
+        "## Mesh overhead",
+        "",
+        f"One job ({p['width']}x{p['height']}, {p['steps']} steps, 1 variant, tiny-sd) from the "
+        "HTTP request to the SSE `final` event, against the same render and PNG encode called "
+        f"directly in one process; median of {o['runs']} runs.",
+        "",
+        "| path | median ms |",
+        "|---|---|",
+        _row("mesh (HTTP -> SSE final)", o["mesh_total_ms"]),
+        _row("direct (pipeline + encode)", o["direct_total_ms"]),
+        _row("ratio mesh / direct", f"{o['ratio']:.2f}x"),
+        "",
+        "| stage | median ms |",
+        "|---|---|",
+        *[_row(stage, ms) for stage, ms in o["stages_ms"].items()],
+        "",
+        "`generation` is the pipeline call inside the worker (denoising and VAE decode); "
+        "`other` is what no stage accounts for (per-step event appends and row updates, worker "
+        "bookkeeping, the cache store, the final event).",
+        "",
+    ]
+    t = r["throughput"]
+    lines += [
+        "## Throughput under load",
+        "",
+        f"Tiny-model jobs ({t['params']['width']}x{t['params']['height']}, "
+        f"{t['params']['steps']} steps), clients each submitting jobs back to back; the mesh is "
+        "measured to the SSE `final` event, the baseline (the diffusers documentation's server "
+        "pattern: one ASGI app, pipeline call in a thread per request) to its HTTP response; "
+        f"median of {t['repeats']} repeats.",
+        "",
+        "| clients | system | images/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for clients in t["mesh"]:
+        for system in ("mesh", "baseline"):
+            s = t[system][clients]
+            lines.append(
+                _row(
+                    clients,
+                    system,
+                    s["images_per_s"],
+                    s["p50_ms"],
+                    s["p95_ms"],
+                    s["p99_ms"],
+                    s["errors"],
+                )
+            )
+    f = r["sse_fanout"]
+    lines += [
+        "",
+        "## SSE fan-out",
+        "",
+        f"{f['watchers']} concurrent SSE watchers spread over {f['jobs']} running jobs "
+        f"({f['params']['steps']} steps each) against one gateway process.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        _row(
+            "watchers that received every event",
+            f"{f['watchers_with_every_event']} / {f['watchers']}",
+        ),
+        _row("streams that ended early", f["streams_cut_short"]),
+        _row("events per job", ", ".join(map(str, f["events_per_job"]))),
+        _row("live (watcher, event) pairs measured", f["live_events_measured"]),
+        _row("lag append -> receipt p50 ms", f["lag_p50_ms"]),
+        _row("lag append -> receipt p99 ms", f["lag_p99_ms"]),
+        _row(
+            "gateway RSS before / peak MiB",
+            f"{f['gateway_rss_before_mb']:.0f} / {f['gateway_rss_peak_mb']:.0f}",
+        ),
+        "",
+    ]
+    a = r["admission"]
+    lines += [
+        "## Admission",
+        "",
+        f"CreateJob with the generator stopped (queueing only), {a['requests']} requests at "
+        f"concurrency {a['concurrency']}, median of {a['repeats']} repeats; the floor is the same "
+        "store writes (job row, queue entry, first event) made directly, with no RPC, "
+        "validation or cache lookup.",
+        "",
+        "| path | jobs/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for name, key in (
+        ("gRPC CreateJob", "grpc"),
+        ("HTTP POST", "http"),
+        ("direct store writes (floor)", "direct_store_writes"),
+    ):
+        s = a[key]
+        lines.append(_row(name, s["per_s"], s["p50_ms"], s["p99_ms"], s["errors"]))
+    lines += [
+        "",
+        f"gRPC reaches {a['grpc_vs_direct']:.2f}x and HTTP {a['http_vs_direct']:.2f}x "
+        "of the floor's rate.",
+        "",
+    ]
+    return "\n".join(lines)
