@@ -60,10 +60,16 @@ class EventLog:
         response: Any = await self._redis.xread(
             {stream_key(job_id): after}, count=count, block=block_ms
         )
-        events = []
-        for _, entries in response or ():
-            for entry_id, fields in entries:
-                event = events_pb2.JobEvent.FromString(fields[_FIELD])
-                event.id = entry_id.decode()
-                events.append(event)
-        return events
+        return [event for _, event in decode_entries(response)]
+
+
+def decode_entries(response: Any) -> list[tuple[str, events_pb2.JobEvent]]:
+    """(job id, event) pairs of an XREAD response, ids filled in from the stream."""
+    decoded = []
+    for key, entries in response or ():
+        job_id = key.decode().split(":")[2]
+        for entry_id, fields in entries:
+            event = events_pb2.JobEvent.FromString(fields[_FIELD])
+            event.id = entry_id.decode()
+            decoded.append((job_id, event))
+    return decoded

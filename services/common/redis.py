@@ -1,4 +1,7 @@
-"""The Redis client every service uses (bytes in, bytes out)."""
+"""The Redis client every service uses (bytes in, bytes out).
+
+The pool is bounded and blocking: under a burst, a command waits for a free connection instead of
+failing with "Too many connections"."""
 
 from __future__ import annotations
 
@@ -8,15 +11,20 @@ import redis.asyncio as aioredis
 # client's default of 5 s would abort those reads with a TimeoutError.
 SOCKET_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 5.0
+MAX_CONNECTIONS = 64
+POOL_WAIT_SECONDS = 20.0
 
 
 def connect_redis(url: str) -> aioredis.Redis:
     if not url:
         raise RuntimeError("REDIS_URL is not set (make run sets it for the embedded mode)")
-    return aioredis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_SECONDS,
         decode_responses=False,
         health_check_interval=30,
         socket_timeout=SOCKET_TIMEOUT_SECONDS,
         socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
     )
+    return aioredis.Redis.from_pool(pool)

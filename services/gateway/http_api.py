@@ -200,7 +200,10 @@ def build_app(jobs: JobService) -> Starlette:
         run_id = request.path_params["run_id"]
         after = request.headers.get("last-event-id") or request.query_params.get("after", "")
         events = jobs.watch(run_id, after)
-        first = await anext(events)  # errors (unknown job, bad id) become a JSON status here
+        # Errors (unknown job, bad id) become a JSON status here, before the stream starts.
+        first = await anext(events, None)
+        if first is None:  # resumed after the final event; 204 tells EventSource to stop
+            return Response(status_code=204)
 
         async def sse() -> AsyncIterator[bytes]:
             event: events_pb2.JobEvent | None = first

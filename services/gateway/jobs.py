@@ -23,7 +23,6 @@ from services.common.jobstore import (
     CANCELLED,
     COMPLETED,
     QUEUED,
-    TERMINAL,
     JobRecord,
     JobStore,
 )
@@ -32,8 +31,9 @@ from services.common.objectstore import ObjectStore
 from services.common.queue import JobQueue
 from services.common.spec import ENGINE_VERSION, Spec, cache_keys, resolve
 from services.gateway.cost import Cost, estimate
+from services.gateway.hub import EventHub
 
-WATCH_POLL_MS = 5_000
+WATCH_IDLE_SECONDS = 5.0
 MAX_PAGE_SIZE = 100
 STATUS_NAMES = ("queued", "running", "completed", "failed", "cancelled")
 
@@ -50,6 +50,7 @@ class JobService:
         self,
         store: JobStore,
         events: EventLog,
+        hub: EventHub,
         queue: JobQueue,
         cache: CacheClient,
         registry: Registry,
@@ -58,6 +59,7 @@ class JobService:
     ) -> None:
         self._store = store
         self._events = events
+        self._hub = hub
         self._queue = queue
         self._cache = cache
         self._registry = registry
@@ -175,22 +177,23 @@ class JobService:
     async def watch(self, job_id: str, after_event_id: str) -> AsyncIterator[events_pb2.JobEvent]:
         """Events after `after_event_id`, then live ones, ending with the final event."""
         after = check_event_id(after_event_id, "after_event_id")
-        await self._store.get(job_id)  # NotFound before the stream starts
-        while True:
-            events = await self._events.read(job_id, after, block_ms=WATCH_POLL_MS)
-            for event in events:
+        job = await self._store.get(job_id)  # NotFound before the stream starts
+        if job.finished and after != "0-0" and not await self._events.read(job_id, after):
+            return  # resumed after the final event: nothing more will come
+        async for event in self._hub.follow(job_id, after, WATCH_IDLE_SECONDS):
+            if event is not None:
                 after = event.id
                 yield self.with_urls(event)
                 if event.HasField("final"):
                     return
-            if not events:
-                job = await self._store.get(job_id)
-                if job.status in TERMINAL and not await self._events.read(job_id, after):
-                    # The stream expired (or was never written): end with the record itself.
-                    event = events_pb2.JobEvent(id=after, job_id=job_id)
-                    event.final.job.CopyFrom(self.job_pb(job))
-                    yield event
-                    return
+                continue
+            job = await self._store.get(job_id)
+            if job.finished and not await self._events.read(job_id, after):
+                # The stream expired (or was never written): end with the record itself.
+                final = events_pb2.JobEvent(id=after, job_id=job_id)
+                final.final.job.CopyFrom(self.job_pb(job))
+                yield final
+                return
 
     def job_pb(self, job: JobRecord) -> types_pb2.Job:
         return job_to_pb(job, self.objects.download_url)

@@ -29,6 +29,7 @@ from services.common.server import Service, Servicer, start_server
 from services.common.settings import GatewaySettings
 from services.gateway.grpc_api import CostServicer, ImageServicer
 from services.gateway.http_api import build_app
+from services.gateway.hub import EventHub
 from services.gateway.jobs import JobService
 
 IMAGE_SERVICE = image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
@@ -51,9 +52,12 @@ async def start(settings: GatewaySettings) -> Service:
     cache_channel = open_channel(
         settings.cache_addr, settings.rpc_timeout_seconds, settings.max_message_bytes
     )
+    events = EventLog(redis, settings.idempotency_ttl_seconds)
+    hub = EventHub(redis, events)
     jobs = JobService(
         JobStore(pool),
-        EventLog(redis, settings.idempotency_ttl_seconds),
+        events,
+        hub,
         queue,
         CacheClient(cache_channel),
         registry,
@@ -100,6 +104,6 @@ async def start(settings: GatewaySettings) -> Service:
 
     return Service(
         running,
-        [pool.close, redis.aclose, cache_channel.close, stop_http],
+        [pool.close, redis.aclose, cache_channel.close, hub.close, stop_http],
         http_port=sock.getsockname()[1],
     )
