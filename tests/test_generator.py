@@ -527,8 +527,17 @@ async def test_a_job_whose_evaluation_fails_is_retried_then_failed_and_dead_lett
         errors = [e.error for e in events if e.HasField("error")]
         assert [e.retrying for e in errors] == [True] * (max_attempts - 1) + [False]
         assert all(e.message for e in errors)
-        attempts = [e.status.attempt for e in events if e.HasField("status") and e.status.attempt]
-        assert attempts == list(range(1, max_attempts + 1))
+        statuses = [
+            (e.status.status, e.status.attempt)
+            for e in events
+            if e.HasField("status") and e.status.attempt
+        ]
+        running, queued = types_pb2.JOB_STATUS_RUNNING, types_pb2.JOB_STATUS_QUEUED
+        # Each attempt runs; each retried one goes back to the queue before the next.
+        assert (
+            statuses
+            == [s for n in range(1, max_attempts + 1) for s in [(running, n), (queued, n)]][:-1]
+        )
         assert kinds(events)[-1] == "final"
         assert "evaluation" not in kinds(events)
         final = events[-1].final.job
@@ -538,6 +547,7 @@ async def test_a_job_whose_evaluation_fails_is_retried_then_failed_and_dead_lett
         job = (await images.GetJob(image_service_pb2.GetJobRequest(job_id=created.job.id))).job
         assert job.status == types_pb2.JOB_STATUS_FAILED
         assert job.attempts == max_attempts
+        assert job.cost_cents == 0  # only completed jobs are charged
         assert job.error == errors[-1].message
 
         dead = await redis.xrange(DEAD_LETTERS, count=1000)

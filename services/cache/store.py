@@ -96,12 +96,12 @@ class PromptCache:
         return entry
 
     async def _warm(self, entry: CacheEntry) -> None:
-        ttl = int((entry.expires_at - datetime.now(UTC)).total_seconds())
-        if ttl <= 0:
+        ttl_ms = int((entry.expires_at - datetime.now(UTC)).total_seconds() * 1000)
+        if ttl_ms <= 0:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(_HOT + entry.key, _to_json(entry), ex=ttl)
-            pipe.set(_SEEDLESS + entry.seedless_key, entry.key, ex=ttl)
+            pipe.set(_HOT + entry.key, _to_json(entry), px=ttl_ms)
+            pipe.set(_SEEDLESS + entry.seedless_key, entry.key, px=ttl_ms)
             await pipe.execute()
 
     async def store(

@@ -196,11 +196,13 @@ class JobStore:
         return status is not None
 
     async def finish(self, job_id: str, status: str, error: str = "", stage: str = "") -> bool:
-        """Ends a job that has not ended yet; False when it already had."""
+        """Ends a job that has not ended yet; False when it already had. Only a completed job
+        is charged: a failed or cancelled one costs 0."""
         assert status in TERMINAL
         done = await self.pool.fetchval(
             "UPDATE jobs SET status = $2, error = $3, stage = $4, updated_at = now(),"
-            " progress_percent = CASE WHEN $2 = 'completed' THEN 100 ELSE progress_percent END"
+            " progress_percent = CASE WHEN $2 = 'completed' THEN 100 ELSE progress_percent END,"
+            " cost_cents = CASE WHEN $2 = 'completed' THEN cost_cents ELSE 0 END"
             " WHERE id = $1 AND status IN ('queued', 'running') RETURNING id",
             _uuid(job_id),
             status,

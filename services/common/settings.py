@@ -46,6 +46,7 @@ class CommonSettings(BaseSettings):
     evaluator_addr: str = "127.0.0.1:50054"
     rpc_timeout_seconds: float = 30.0
 
+    event_ttl_seconds: int = 24 * 3600  # how long a job's event stream outlives its last event
     grace_seconds: float = 10.0
     max_message_bytes: int = 32 * 1024 * 1024
 
@@ -70,7 +71,6 @@ class GatewaySettings(CommonSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     job_max_attempts: int = 3
-    idempotency_ttl_seconds: int = 24 * 3600
 
 
 class CacheSettings(CommonSettings):
@@ -85,7 +85,6 @@ class GeneratorSettings(CommonSettings):
     consumer_name: str = ""
     job_max_attempts: int = 3
     claim_idle_ms: int = 60_000
-    event_ttl_seconds: int = 24 * 3600
 
 
 class EvaluatorSettings(CommonSettings):

@@ -160,7 +160,10 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
     check(1 <= variants <= model.max_variants, "num_variants", f"must be 1..{model.max_variants}")
     steps = spec.steps or model.default_steps
     check(1 <= steps <= model.max_steps, "steps", f"must be 1..{model.max_steps}")
-    guidance = model.default_guidance if spec.guidance_scale is None else spec.guidance_scale
+    # Rounded here, for every caller: gRPC carries floats, JSON doubles; both must key alike.
+    guidance = round(
+        model.default_guidance if spec.guidance_scale is None else spec.guidance_scale, 4
+    )
     check(0.0 <= guidance <= 30.0, "guidance_scale", "must be between 0 and 30")
     if spec.seed is None:
         check(not require_seed, "seed", "must be set")
@@ -183,7 +186,7 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
             image.role in GUIDANCE_ROLES, f"guidance_images[{i}].role", f"one of {GUIDANCE_ROLES}"
         )
     if spec.controlnet is not None:
-        name, weight = spec.controlnet.name, spec.controlnet.weight
+        name, weight = spec.controlnet.name, round(spec.controlnet.weight, 4)
         check(name in CONTROLNET_NAMES, "controlnet.name", f"one of {CONTROLNET_NAMES}")
         check(
             name not in CONTROLNET_NAMES or name in model.controlnets,
@@ -193,8 +196,12 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
         check(0.0 <= weight <= 1.0, "controlnet.weight", "must be between 0 and 1")
     if bad:
         raise InvalidArgument(bad)
+    controlnet = spec.controlnet and replace(
+        spec.controlnet, weight=round(spec.controlnet.weight, 4)
+    )
     return replace(
         spec,
+        controlnet=controlnet,
         model=model.id,
         width=width,
         height=height,

@@ -148,6 +148,15 @@ def event_json(event: events_pb2.JobEvent) -> tuple[str, dict[str, Any]]:
             "models": list(event.evaluation.models),
             "evaluate_ms": event.evaluation.evaluate_ms,
         }
+    if kind == "progress":
+        p = event.progress
+        return kind, {
+            "variant_index": p.variant_index,
+            "step": p.step,
+            "total_steps": p.total_steps,
+            "percent": round(p.percent, 2),
+            "eta_ms": p.eta_ms,
+        }
     if kind == "status":
         return kind, {
             "status": STATUS_FROM_PB.get(event.status.status, ""),
@@ -264,6 +273,8 @@ def build_app(jobs: JobService) -> Starlette:
                     {
                         "id": m.id,
                         "family": m.family,
+                        "version": m.version,
+                        "default_guidance": m.default_guidance,
                         "is_default": m.id == default,
                         "default_steps": m.default_steps,
                         "default_width": m.default_width,

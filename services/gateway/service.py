@@ -52,7 +52,7 @@ async def start(settings: GatewaySettings) -> Service:
     cache_channel = open_channel(
         settings.cache_addr, settings.rpc_timeout_seconds, settings.max_message_bytes
     )
-    events = EventLog(redis, settings.idempotency_ttl_seconds)
+    events = EventLog(redis, settings.event_ttl_seconds)
     hub = EventHub(redis, events)
     jobs = JobService(
         JobStore(pool),

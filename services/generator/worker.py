@@ -17,6 +17,7 @@ from imagegen.v1 import events_pb2, types_pb2
 
 from services.cache.client import CacheClient
 from services.common.convert import artifact_to_pb, job_to_pb
+from services.common.errors import InvalidArgument, NotFound
 from services.common.events import EventLog
 from services.common.jobstore import (
     CANCELLED,
@@ -174,14 +175,21 @@ class QueueWorker:
         return scored
 
     async def _retry_or_fail(self, delivery: Delivery, attempt: int, error: Exception) -> None:
+        """Puts the job back on the queue, unless retrying cannot help or it has had its
+        attempts: then it fails and its message goes to the dead letters."""
         message = f"{type(error).__name__}: {error}"[:500]
-        retrying = attempt < self._max_attempts
+        permanent = isinstance(error, InvalidArgument | NotFound)
+        retrying = not permanent and attempt < self._max_attempts
         await self._append(
             delivery.job_id, error=events_pb2.ErrorEvent(message=message, retrying=retrying)
         )
         if retrying and await self._store.requeue(delivery.job_id, message):
             await self._queue.enqueue(delivery.job_id)
             await self._queue.ack(delivery)
+            await self._append(
+                delivery.job_id,
+                status=events_pb2.StatusEvent(status=types_pb2.JOB_STATUS_QUEUED, attempt=attempt),
+            )
             return
         await self._end(delivery.job_id, FAILED, message)
         await self._queue.dead_letter(delivery, message)
