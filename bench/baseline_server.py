@@ -34,6 +34,7 @@ async def generate(request: Request) -> JSONResponse:
     body = await request.json()
     scheduler = shared.scheduler.from_config(shared.scheduler.config)
     pipeline = type(shared).from_pipe(shared, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(int(body["seed"]))
     output = await asyncio.get_running_loop().run_in_executor(
         None,

@@ -22,6 +22,7 @@ from services.common.events import EventLog, check_event_id
 from services.common.jobstore import (
     CANCELLED,
     COMPLETED,
+    FAILED,
     QUEUED,
     JobRecord,
     JobStore,
@@ -104,6 +105,7 @@ class JobService:
                 cost_cents=0,
                 cache_hit=True,
                 spec=replace(resolved, seed=hit.seed),
+                cache_key=hit.key,
             )
             artifacts = [replace(a, id=str(uuid.uuid4()), job_id=job.id) for a in hit.artifacts]
             stored, created = await self._store.create(job, idempotency_key, artifacts)
@@ -121,7 +123,8 @@ class JobService:
             try:
                 await self._queue.enqueue(stored.id)
             except Exception as error:
-                await self._store.finish(stored.id, "failed", "could not be queued")
+                if await self._store.finish(stored.id, FAILED, "could not be queued"):
+                    await self._append_final(await self._store.get(stored.id))
                 raise Unavailable("the job queue is unavailable") from error
         return Admission(stored, cost, created)
 
