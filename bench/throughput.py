@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -93,6 +94,7 @@ async def run(mesh: Mesh, repeats: int) -> dict[str, Any]:
 
     port = free_port()
     with tempfile.TemporaryDirectory() as out:
+        log = (Path(out) / "baseline.log").open("wb")
         server = subprocess.Popen(  # noqa: ASYNC220 - started once, before the timed part
             [
                 sys.executable,
@@ -103,7 +105,10 @@ async def run(mesh: Mesh, repeats: int) -> dict[str, Any]:
                 out,
             ],
             cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
+        log.close()  # the server holds its own copy
         try:
             base_url = f"http://127.0.0.1:{port}"
             await _wait_http(base_url, server)
