@@ -10,15 +10,14 @@ import grpc
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from google.rpc import code_pb2, error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 from imagegen.v1 import cache_service_pb2 as pb
 from imagegen.v1 import cache_service_pb2_grpc, types_pb2
 
 from services.cache import store as cache_store
 from tests.conftest import Mesh, ServiceEnv, start_in_process
+from tests.helpers import violations as field_violations
 
 CACHE_SERVICE = "imagegen.v1.CacheService"
 
@@ -94,18 +93,6 @@ async def store(
         )
     )
     return response.entry
-
-
-def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    assert status.code == code_pb2.INVALID_ARGUMENT
-    fields = []
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            fields += [v.field for v in bad_request.field_violations]
-    return fields
 
 
 def artifact_keys(entry: pb.CacheEntry) -> list[tuple[int, str, str]]:

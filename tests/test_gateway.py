@@ -16,10 +16,8 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
-from google.rpc import code_pb2, error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 from imagegen.v1 import (
     cache_service_pb2,
     cache_service_pb2_grpc,
@@ -36,6 +34,7 @@ from services.common.objectstore import LocalStore, content_key, open_store
 from services.common.settings import GatewaySettings
 from services.gateway.jobs import WATCH_IDLE_SECONDS
 from tests.conftest import Mesh, ServiceEnv, start_in_process
+from tests.helpers import violations
 
 IMAGE_SERVICE = "imagegen.v1.ImageService"
 COST_SERVICE = "imagegen.v1.CostService"
@@ -114,19 +113,6 @@ async def create(
         image_service_pb2.CreateJobRequest(spec=request_spec, **kw)
     )
     return response
-
-
-def violations(error: grpc.aio.AioRpcError) -> list[str]:
-    """The fields a google.rpc.BadRequest detail of an INVALID_ARGUMENT names."""
-    status = rpc_status.from_call(error)
-    assert status is not None
-    assert status.code == code_pb2.INVALID_ARGUMENT
-    fields = []
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            fields += [v.field for v in bad_request.field_violations]
-    return fields
 
 
 def png(color: tuple[int, int, int]) -> bytes:

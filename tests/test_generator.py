@@ -18,9 +18,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from google.rpc import code_pb2, error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from imagegen.v1 import (
     events_pb2,
     generator_service_pb2,
@@ -33,6 +31,7 @@ from imagegen.v1 import (
 from services.common.queue import DEAD_LETTERS
 from services.common.settings import ROOT, EvaluatorSettings, GeneratorSettings
 from tests.conftest import Mesh, ServiceEnv, start_in_process
+from tests.helpers import violations
 
 WAIT = 30.0
 TINY = json.loads((ROOT / "deploy" / "models" / "tiny.json").read_text())
@@ -166,18 +165,6 @@ async def download_sha256(http: httpx.AsyncClient, artifact: types_pb2.Artifact)
     assert response.status_code == 200
     assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
     return hashlib.sha256(response.content).hexdigest()
-
-
-def violations(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    assert status.code == code_pb2.INVALID_ARGUMENT
-    fields = []
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            fields += [v.field for v in bad_request.field_violations]
-    return fields
 
 
 def kinds(events: list[events_pb2.JobEvent]) -> list[str]:
