@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    # A SIGTERM unwinds like Ctrl-C, so the mesh and its stores are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     quick = args.quick
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
