@@ -70,7 +70,7 @@ class Mesh:
         try:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"],
-                env=self.env,
+                env={**self.env, "LISTEN_ADDR": self.addr(name)},
                 stdout=output,
                 stderr=subprocess.STDOUT if output else None,
                 stdin=subprocess.DEVNULL,
@@ -145,9 +145,7 @@ def start_mesh(
     mesh = Mesh(data_dir, ports, env, stores=stores)
     try:
         for name in SERVICES:
-            mesh.env["LISTEN_ADDR"] = mesh.addr(name)
             mesh.start_service(name, log_dir)
-        mesh.env.pop("LISTEN_ADDR")
 
         async def all_serving() -> None:
             await asyncio.gather(

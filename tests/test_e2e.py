@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from imagegen.v1 import image_service_pb2, image_service_pb2_grpc, types_pb2
 from PIL import Image
 
 from services.demo import sse_events
-from services.mesh import Mesh, Ports, start_mesh
+from services.mesh import Mesh, Ports, start_mesh, wait_serving
 from tests.conftest import ROOT, ServiceEnv
 
 SERVICES = {
@@ -50,6 +51,7 @@ def mesh(env: ServiceEnv) -> Iterator[Mesh]:
             "REDIS_URL": env.redis_url,
             "MODEL_DIR": str(env.model_dir),
             "LOG_LEVEL": "WARNING",
+            "CLAIM_IDLE_MS": "2000",
         },
         log_dir=env.data_dir / "logs",
     )
@@ -152,6 +154,36 @@ async def test_grpc_job_is_watched_to_completion_and_resumes_without_gaps(mesh: 
         assert len(got.job.artifacts) == 1 and got.job.artifacts[0].evaluation.HasField(
             "clip_score"
         )
+
+
+async def test_a_job_whose_generator_is_killed_mid_run_is_reclaimed_and_completed(
+    mesh: Mesh, env: ServiceEnv
+) -> None:
+    request = {
+        **REQUEST,
+        "prompt": "a ship in a storm",
+        "width": 256,
+        "height": 256,
+        "steps": 100,
+        "num_variants": 1,
+        "skip_cache": True,
+    }
+    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=60) as client:
+        job = (await client.post("/api/generate/text-to-image", json=request)).json()
+        path = f"/api/status/stream/{job['run_id']}"
+        async for event in sse_events(client, path):
+            if event["event"] == "progress":
+                break  # the job is running on the generator
+        assert mesh.stop_service("generator", signal.SIGKILL) == -signal.SIGKILL
+        mesh.start_service("generator", env.data_dir / "logs")
+        await wait_serving(mesh.addr("generator"), 60, mesh.processes["generator"])
+
+        events = [e async for e in sse_events(client, path)]
+        final = events[-1]["data"]
+        assert final["status"] == "completed" and final["attempts"] == 2
+        running = [e for e in events if e["event"] == "status" and e["data"]["status"] == "running"]
+        assert len(running) == 2
+        assert len(final["artifacts"]) == 1
 
 
 def test_gateway_and_cache_import_no_torch() -> None:
