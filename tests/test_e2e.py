@@ -186,6 +186,21 @@ async def test_a_job_whose_generator_is_killed_mid_run_is_reclaimed_and_complete
         assert len(final["artifacts"]) == 1
 
 
+async def test_the_web_page_is_served_and_drives_the_http_api(mesh: Mesh) -> None:
+    async with httpx.AsyncClient(base_url=mesh.http_url) as client:
+        page = await client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for route in (
+        "/api/generate/text-to-image",
+        "/api/status/stream/",
+        "/api/cost/estimate",
+        "/api/uploads/presign",
+        "/api/models",
+        "EventSource",
+    ):
+        assert route in page.text, route
+
+
 def test_gateway_and_cache_import_no_torch() -> None:
     code = (
         "import sys, services.gateway.service, services.cache.service; "
