@@ -167,7 +167,14 @@ async def start_in_process(env: ServiceEnv, names: tuple[str, ...], workers: int
             from services.generator.service import start as start_generator
 
             mesh.services["generator"] = await start_generator(
-                env.settings(GeneratorSettings, workers=workers, claim_idle_ms=2000, **peers())
+                env.settings(
+                    GeneratorSettings,
+                    workers=workers,
+                    claim_idle_ms=2000,
+                    sweep_interval_seconds=0.5,
+                    sweep_after_seconds=1.0,
+                    **peers(),
+                )
             )
             addrs["generator"] = mesh.addr("generator")
         if "gateway" in names:

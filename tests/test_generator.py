@@ -28,8 +28,11 @@ from imagegen.v1 import (
     types_pb2,
 )
 
+from services.common import db
+from services.common.jobstore import JobRecord, JobStore
 from services.common.queue import DEAD_LETTERS
 from services.common.settings import ROOT, EvaluatorSettings, GeneratorSettings
+from services.common.spec import Spec
 from tests.conftest import Mesh, ServiceEnv, start_in_process
 from tests.helpers import violations
 
@@ -454,6 +457,76 @@ async def test_watching_after_the_final_event_ends_at_once_with_nothing_more(
         f"/api/status/stream/{created.job.id}", headers={"Last-Event-ID": last}
     )
     assert response.status_code == 204
+
+
+async def _job_store(env: ServiceEnv) -> tuple[JobStore, Any]:
+    pool = await db.connect(env.database_url, max_size=2)
+    return JobStore(pool), pool
+
+
+async def test_a_job_whose_creator_died_before_queueing_it_is_swept_onto_the_queue(
+    images: image_service_pb2_grpc.ImageServiceStub, env: ServiceEnv
+) -> None:
+    store, pool = await _job_store(env)
+    try:
+        # What a gateway leaves when it dies between the job's row and its queue entry.
+        job = JobRecord(
+            id=str(uuid.uuid4()),
+            status="queued",
+            spec=Spec(
+                prompt="a lost kite",
+                model="tiny-sd",
+                width=64,
+                height=64,
+                steps=4,
+                num_variants=1,
+                seed=3,
+                guidance_scale=7.5,
+            ),
+            cache_key="never-queued",
+            cost_cents=1,
+        )
+        await store.create(job)
+        await pool.execute(
+            "UPDATE jobs SET created_at = now() - interval '1 minute' WHERE id = $1",
+            uuid.UUID(job.id),
+        )
+        events = await job_events(images, job.id)
+    finally:
+        await pool.close()
+    assert events[-1].final.job.status == types_pb2.JOB_STATUS_COMPLETED
+    assert events[-1].final.job.attempts == 1
+
+
+async def test_only_a_reclaimed_delivery_restarts_a_running_job(env: ServiceEnv) -> None:
+    store, pool = await _job_store(env)
+    try:
+        job = JobRecord(
+            id=str(uuid.uuid4()),
+            status="queued",
+            spec=Spec(
+                prompt="a kite",
+                model="tiny-sd",
+                width=64,
+                height=64,
+                steps=4,
+                num_variants=1,
+                seed=3,
+                guidance_scale=7.5,
+            ),
+            cache_key="duplicate-entries",
+            cost_cents=1,
+        )
+        await store.create(job)
+        assert await store.start_attempt(job.id, reclaimed=False) == 1
+        # A second queue entry for the same job (a sweep racing the gateway) is dropped ...
+        assert await store.start_attempt(job.id, reclaimed=False) is None
+        # ... while the entry of a worker that died is taken over.
+        assert await store.start_attempt(job.id, reclaimed=True) == 2
+        assert await store.finish(job.id, "completed")
+        assert await store.start_attempt(job.id, reclaimed=True) is None
+    finally:
+        await pool.close()
 
 
 async def test_cancelling_a_running_job_ends_it_cancelled_before_all_steps_ran(

@@ -166,16 +166,32 @@ class JobStore:
         )
         return [_job(r) for r in rows]
 
-    async def start_attempt(self, job_id: str) -> int | None:
-        """Marks a queued (or abandoned running) job running; its attempt number, or None when
-        the job has already ended (cancelled while queued, say)."""
+    async def start_attempt(self, job_id: str, reclaimed: bool) -> int | None:
+        """Marks a queued job running and returns its attempt number. Only a reclaimed delivery
+        (its worker died) may restart a job that is already running; any other delivery of a
+        job that is running or has ended gets None, so a duplicate queue entry is harmless."""
         attempts: int | None = await self.pool.fetchval(
             "UPDATE jobs SET status = 'running', stage = 'starting', attempts = attempts + 1,"
-            " updated_at = now() WHERE id = $1 AND status IN ('queued', 'running')"
+            " updated_at = now() WHERE id = $1"
+            " AND (status = 'queued' OR (status = 'running' AND $2))"
             " RETURNING attempts",
             _uuid(job_id),
+            reclaimed,
         )
         return attempts
+
+    async def mark_enqueued(self, job_id: str) -> None:
+        await self.pool.execute("UPDATE jobs SET enqueued_at = now() WHERE id = $1", _uuid(job_id))
+
+    async def unqueued(self, older_than_seconds: float, limit: int = 100) -> list[str]:
+        """Queued jobs created more than `older_than_seconds` ago that never reached the queue."""
+        rows = await self.pool.fetch(
+            "SELECT id FROM jobs WHERE status = 'queued' AND enqueued_at IS NULL"
+            " AND created_at < now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2",
+            older_than_seconds,
+            limit,
+        )
+        return [str(r["id"]) for r in rows]
 
     async def set_stage(self, job_id: str, stage: str, percent: float | None = None) -> None:
         await self.pool.execute(

@@ -85,6 +85,8 @@ class GeneratorSettings(CommonSettings):
     consumer_name: str = ""
     job_max_attempts: int = 3
     claim_idle_ms: int = 60_000
+    sweep_interval_seconds: float = 30.0
+    sweep_after_seconds: float = 30.0
 
 
 class EvaluatorSettings(CommonSettings):

@@ -126,6 +126,9 @@ class JobService:
                 if await self._store.finish(stored.id, FAILED, "could not be queued"):
                     await self._append_final(await self._store.get(stored.id))
                 raise Unavailable("the job queue is unavailable") from error
+            # Were this lost (a crash right here), the generators' sweep would queue it again;
+            # a second queue entry for a job is harmless.
+            await self._store.mark_enqueued(stored.id)
         return Admission(stored, cost, created)
 
     async def _check_uploads(self, spec: Spec) -> None:

@@ -4,6 +4,8 @@ GeneratorService, and the queue workers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 
@@ -76,6 +78,8 @@ async def start(settings: GeneratorSettings) -> Service:
         for i in range(settings.workers)
     ]
     tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+    if workers:
+        tasks.append(asyncio.create_task(_sweep(settings, JobStore(pool), JobQueue(redis), stop)))
 
     async def stop_workers() -> None:
         stop.set()
@@ -89,3 +93,17 @@ async def start(settings: GeneratorSettings) -> Service:
         engine.close()
 
     return Service(running, [close, stop_workers])
+
+
+async def _sweep(
+    settings: GeneratorSettings, store: JobStore, queue: JobQueue, stop: asyncio.Event
+) -> None:
+    from services.generator.worker import sweep_unqueued
+
+    while not stop.is_set():
+        try:
+            await sweep_unqueued(store, queue, settings.sweep_after_seconds)
+        except Exception:  # a store away: the next round tries again
+            logging.getLogger("imagegen.sweep").exception("sweep failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.sweep_interval_seconds)

@@ -81,8 +81,8 @@ class QueueWorker:
 
     async def process(self, delivery: Delivery) -> None:
         job_id = delivery.job_id
-        attempt = await self._store.start_attempt(job_id)
-        if attempt is None:  # ended while queued (cancelled): nothing to do
+        attempt = await self._store.start_attempt(job_id, delivery.reclaimed)
+        if attempt is None:  # ended (cancelled while queued), or a duplicate entry: nothing to do
             await self._queue.ack(delivery)
             return
         if attempt > self._max_attempts:
@@ -185,6 +185,7 @@ class QueueWorker:
         )
         if retrying and await self._store.requeue(delivery.job_id, message):
             await self._queue.enqueue(delivery.job_id)
+            await self._store.mark_enqueued(delivery.job_id)
             await self._queue.ack(delivery)
             await self._append(
                 delivery.job_id,
@@ -216,3 +217,13 @@ class QueueWorker:
                 await self._queue.touch(self.consumer, delivery)
                 last_touch = time.monotonic()
             await asyncio.sleep(CANCEL_POLL_SECONDS)
+
+
+async def sweep_unqueued(store: JobStore, queue: JobQueue, older_than_seconds: float) -> int:
+    """Queues the jobs whose creator died between their row and their queue entry."""
+    job_ids = await store.unqueued(older_than_seconds)
+    for job_id in job_ids:
+        log.warning("job %s was never queued; queueing it now", job_id)
+        await queue.enqueue(job_id)
+        await store.mark_enqueued(job_id)
+    return len(job_ids)
