@@ -161,6 +161,7 @@ def start_mesh(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s mesh %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     data_dir = Path(os.environ.get("DATA_DIR", ".data"))
     started = time.monotonic()
     mesh = start_mesh(data_dir, Ports(http=int(os.environ.get("HTTP_PORT", "8080"))))

@@ -680,6 +680,26 @@ async def test_http_generate_of_a_cached_spec_is_a_free_hit(
     assert [a["semantic_score"] for a in job["artifacts"]] == [30.0, 29.0]
 
 
+async def test_http_lists_jobs_newest_first_with_their_resolved_request(
+    http: httpx.AsyncClient,
+) -> None:
+    made = []
+    for width in (64, 72, 80):
+        body = {"prompt": f"a listed job {uuid.uuid4().hex}", "width": width, "height": 64}
+        made.append((await http.post("/api/generate/text-to-image", json=body)).json())
+    page = (await http.get("/api/jobs", params={"page_size": 2})).json()
+    assert [j["run_id"] for j in page["jobs"]] == [made[2]["run_id"], made[1]["run_id"]]
+    assert page["jobs"][0]["request"]["width"] == 80
+    assert page["jobs"][0]["request"]["steps"] == 20  # the model's default, resolved
+    after = (
+        await http.get("/api/jobs", params={"page_size": 1, "page_token": page["next_page_token"]})
+    ).json()
+    assert [j["run_id"] for j in after["jobs"]] == [made[0]["run_id"]]
+    bad = await http.get("/api/jobs", params={"page_size": "many"})
+    assert bad.status_code == 422
+    assert [v["field"] for v in bad.json()["error"]["field_violations"]] == ["page_size"]
+
+
 async def test_http_status_of_an_unknown_run_is_404(http: httpx.AsyncClient) -> None:
     response = await http.get(f"/api/status/{uuid.uuid4()}")
     assert response.status_code == 404

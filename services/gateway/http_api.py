@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
 from imagegen.v1 import events_pb2, types_pb2
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -115,6 +116,21 @@ def job_json(job: types_pb2.Job) -> dict[str, Any]:
         "cached_hit": job.cache_hit,
         "error": job.error,
         "attempts": job.attempts,
+        "request": {
+            "prompt": job.spec.text,
+            "fibo_json": (
+                json_format.MessageToDict(job.spec.fibo_json)
+                if job.spec.HasField("fibo_json")
+                else None
+            ),
+            "model": job.spec.model,
+            "width": job.spec.width_px,
+            "height": job.spec.height_px,
+            "steps": job.spec.steps,
+            "num_variants": job.spec.num_variants,
+            "guidance_scale": round(job.spec.guidance_scale, 4),
+            "negative_prompt": job.spec.negative_prompt,
+        },
         "artifacts": [artifact_json(a) for a in job.artifacts],
         "created_at": job.create_time.ToJsonString() if job.HasField("create_time") else None,
         "updated_at": job.update_time.ToJsonString() if job.HasField("update_time") else None,
@@ -225,6 +241,16 @@ def build_app(jobs: JobService) -> Starlette:
             sse(),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def list_jobs(request: Request) -> Response:
+        q = request.query_params
+        size = q.get("page_size", "0")
+        if not size.isdigit():
+            raise InvalidArgument.one("page_size", "must be a whole number")
+        found, token = await jobs.list(int(size), q.get("page_token", ""), q.get("status", ""))
+        return JSONResponse(
+            {"jobs": [job_json(jobs.job_pb(j)) for j in found], "next_page_token": token}
         )
 
     async def cancel(request: Request) -> Response:
@@ -353,6 +379,7 @@ def build_app(jobs: JobService) -> Starlette:
         Route("/api/generate/text-to-image", _errors(generate), methods=["POST"]),
         Route("/api/status/stream/{run_id}", _errors(stream)),
         Route("/api/status/{run_id}", _errors(status)),
+        Route("/api/jobs", _errors(list_jobs)),
         Route("/api/jobs/{run_id}/cancel", _errors(cancel), methods=["POST"]),
         Route("/api/cost/estimate", _errors(estimate), methods=["POST"]),
         Route("/api/cache/lookup", _errors(cache_lookup), methods=["POST"]),

@@ -50,6 +50,12 @@ OPENAPI: dict[str, Any] = {
                 parameters=_RUN_ID,
             )
         },
+        "/api/jobs": {
+            "get": _op(
+                "List jobs, newest first (page_size, page_token, status)",
+                "{jobs, next_page_token}",
+            )
+        },
         "/api/jobs/{run_id}/cancel": {"post": _op("Cancel a job", "the job", parameters=_RUN_ID)},
         "/api/cost/estimate": {"post": _op("Price a request", "the price", "GenerateRequest")},
         "/api/cache/lookup": {
