@@ -108,31 +108,39 @@ class JobStore:
     ) -> tuple[JobRecord, bool]:
         """Inserts `job` (with `artifacts`, for a cache hit); returns (job, created). With an
         idempotency key already used, returns the first job and False."""
+        first = None
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"INSERT INTO jobs (id, status, stage, progress_percent, spec, cache_key,"
-                f" cost_cents, cache_hit, engine_version, idempotency_key)"
-                f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULLIF($10, ''))"
-                f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {_JOB_COLUMNS}",
-                _uuid(job.id),
-                job.status,
-                job.stage,
-                job.progress_percent,
-                job.spec.to_json(),
-                job.cache_key,
-                job.cost_cents,
-                job.cache_hit,
-                job.engine_version,
-                idempotency_key,
-            )
+            row = await self._insert_job(conn, job, idempotency_key)
             if row is None:
                 first = await conn.fetchval(
                     "SELECT id FROM jobs WHERE idempotency_key = $1", idempotency_key
                 )
-                return await self.get(str(first)), False
-            for artifact in artifacts:
+            for artifact in artifacts if row is not None else ():
                 await self._insert_artifact(conn, artifact)
-        return await self.get(job.id), True
+        if row is None:
+            return await self.get(str(first)), False
+        if artifacts:
+            return await self.get(job.id), True
+        return _job(row), True  # the row as stored (RETURNING): no second read
+
+    @staticmethod
+    async def _insert_job(conn: Any, job: JobRecord, idempotency_key: str) -> Any:
+        return await conn.fetchrow(
+            f"INSERT INTO jobs (id, status, stage, progress_percent, spec, cache_key,"
+            f" cost_cents, cache_hit, engine_version, idempotency_key)"
+            f" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULLIF($10, ''))"
+            f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {_JOB_COLUMNS}",
+            _uuid(job.id),
+            job.status,
+            job.stage,
+            job.progress_percent,
+            job.spec.to_json(),
+            job.cache_key,
+            job.cost_cents,
+            job.cache_hit,
+            job.engine_version,
+            idempotency_key,
+        )
 
     async def get(self, job_id: str) -> JobRecord:
         async with self.pool.acquire() as conn:
