@@ -459,6 +459,26 @@ async def test_watching_after_the_final_event_ends_at_once_with_nothing_more(
     assert response.status_code == 204
 
 
+def queued_job() -> JobRecord:
+    """A queued job row as a gateway writes it, not yet on the queue."""
+    return JobRecord(
+        id=str(uuid.uuid4()),
+        status="queued",
+        spec=Spec(
+            prompt=f"a kite {uuid.uuid4().hex}",
+            model="tiny-sd",
+            width=64,
+            height=64,
+            steps=4,
+            num_variants=1,
+            seed=3,
+            guidance_scale=7.5,
+        ),
+        cache_key="written-by-the-test",
+        cost_cents=1,
+    )
+
+
 async def _job_store(env: ServiceEnv) -> tuple[JobStore, Any]:
     pool = await db.connect(env.database_url, max_size=2)
     return JobStore(pool), pool
@@ -470,22 +490,7 @@ async def test_a_job_whose_creator_died_before_queueing_it_is_swept_onto_the_que
     store, pool = await _job_store(env)
     try:
         # What a gateway leaves when it dies between the job's row and its queue entry.
-        job = JobRecord(
-            id=str(uuid.uuid4()),
-            status="queued",
-            spec=Spec(
-                prompt="a lost kite",
-                model="tiny-sd",
-                width=64,
-                height=64,
-                steps=4,
-                num_variants=1,
-                seed=3,
-                guidance_scale=7.5,
-            ),
-            cache_key="never-queued",
-            cost_cents=1,
-        )
+        job = queued_job()
         await store.create(job)
         await pool.execute(
             "UPDATE jobs SET created_at = now() - interval '1 minute' WHERE id = $1",
@@ -501,22 +506,7 @@ async def test_a_job_whose_creator_died_before_queueing_it_is_swept_onto_the_que
 async def test_only_a_reclaimed_delivery_restarts_a_running_job(env: ServiceEnv) -> None:
     store, pool = await _job_store(env)
     try:
-        job = JobRecord(
-            id=str(uuid.uuid4()),
-            status="queued",
-            spec=Spec(
-                prompt="a kite",
-                model="tiny-sd",
-                width=64,
-                height=64,
-                steps=4,
-                num_variants=1,
-                seed=3,
-                guidance_scale=7.5,
-            ),
-            cache_key="duplicate-entries",
-            cost_cents=1,
-        )
+        job = queued_job()
         await store.create(job)
         assert await store.start_attempt(job.id, reclaimed=False) == 1
         # A second queue entry for the same job (a sweep racing the gateway) is dropped ...
