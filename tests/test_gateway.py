@@ -680,6 +680,24 @@ async def test_http_generate_of_a_cached_spec_is_a_free_hit(
     assert [a["semantic_score"] for a in job["artifacts"]] == [30.0, 29.0]
 
 
+async def test_http_cache_lookup_misses_then_finds_a_stored_result_with_urls(
+    http: httpx.AsyncClient, cache: cache_service_pb2_grpc.CacheServiceStub, objects: LocalStore
+) -> None:
+    prompt = f"a lantern {uuid.uuid4().hex}"
+    body = {"prompt": prompt, "seed": 5, "width": 64, "height": 64, "steps": 4, "num_variants": 2}
+    assert (await http.post("/api/cache/lookup", json=body)).json() == {"hit": False}
+    stored = await store_result(cache, objects, spec(prompt, seed=5, num_variants=2))
+    hit = (await http.post("/api/cache/lookup", json=body)).json()
+    assert hit["hit"] is True and hit["seed"] == 5 and hit["hit_count"] == 1
+    assert [a["key"] for a in hit["artifacts"]] == [a.key for a in stored]
+    download = await http.get(hit["artifacts"][0]["url"])
+    assert download.status_code == 200 and download.content == await objects.get(stored[0].key)
+    agnostic = (
+        await http.post("/api/cache/lookup", json={**body, "seed": 6, "seed_agnostic": True})
+    ).json()
+    assert agnostic["hit"] is True and agnostic["seed"] == 5
+
+
 async def test_http_lists_jobs_newest_first_with_their_resolved_request(
     http: httpx.AsyncClient,
 ) -> None:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from services.common.convert import STATUS_FROM_PB, message_to_json
+from services.common.convert import STATUS_FROM_PB, artifact_to_pb, message_to_json
 from services.common.errors import (
     Forbidden,
     InvalidArgument,
@@ -275,17 +275,7 @@ def build_app(jobs: JobService) -> Starlette:
                 "hit_count": entry.hit_count,
                 "expires_at": entry.expires_at.isoformat(),
                 "artifacts": [
-                    {
-                        "key": a.key,
-                        "url": jobs.objects.download_url(a.key),
-                        "width": a.width,
-                        "height": a.height,
-                        "variant_index": a.variant_index,
-                        "seed": a.seed,
-                        "semantic_score": a.clip_score,
-                        "perceptual_score": a.lpips_diversity,
-                        "is_primary": a.is_primary,
-                    }
+                    artifact_json(artifact_to_pb(a, jobs.objects.download_url))
                     for a in entry.artifacts
                 ],
             }
