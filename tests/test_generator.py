@@ -30,8 +30,9 @@ from imagegen.v1 import (
 
 from services.common import db
 from services.common.jobstore import JobRecord, JobStore
+from services.common.objectstore import content_key, open_store
 from services.common.queue import DEAD_LETTERS
-from services.common.settings import ROOT, EvaluatorSettings, GeneratorSettings
+from services.common.settings import ROOT, CommonSettings, EvaluatorSettings, GeneratorSettings
 from services.common.spec import Spec
 from tests.conftest import Mesh, ServiceEnv, start_in_process
 from tests.helpers import violations
@@ -556,6 +557,25 @@ async def test_the_worker_takes_the_next_job_after_a_cancelled_one(
 
 
 # Failure: keep this last, it stops the evaluator (and starts it again afterwards).
+
+
+async def test_a_job_failing_for_a_reason_retrying_cannot_fix_fails_on_its_first_attempt(
+    images: image_service_pb2_grpc.ImageServiceStub, env: ServiceEnv
+) -> None:
+    objects = open_store(env.settings(CommonSettings))
+    reference = b"\x89PNG\r\n\x1a\n" + uuid.uuid4().bytes  # unreadable as an image, once evaluated
+    key = content_key(reference, "uploads", "png")
+    await objects.put(key, reference, "image/png")
+    request_spec = spec(width_px=256, height_px=256, steps=60)
+    request_spec.guidance_images.add(key=key, role=types_pb2.GUIDANCE_ROLE_REFERENCE)
+    created = await images.CreateJob(
+        image_service_pb2.CreateJobRequest(spec=request_spec, skip_cache=True)
+    )
+    events = await job_events(images, created.job.id)
+    errors = [e.error for e in events if e.HasField("error")]
+    assert [e.retrying for e in errors] == [False]  # the evaluator's INVALID_ARGUMENT
+    final = events[-1].final.job
+    assert final.status == types_pb2.JOB_STATUS_FAILED and final.attempts == 1
 
 
 async def test_a_job_whose_evaluation_fails_is_retried_then_failed_and_dead_lettered(

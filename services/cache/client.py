@@ -30,7 +30,7 @@ class CacheClient:
         request = pb.StoreRequest(
             spec=spec_to_pb(spec),
             job_id=job_id,
-            artifacts=[artifact_to_pb(a, lambda key: "") for a in artifacts],
+            artifacts=[artifact_to_pb(a) for a in artifacts],
         )
         try:
             await self._stub.Store(request)

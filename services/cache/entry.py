@@ -28,7 +28,9 @@ class CacheEntry:
         return [asdict(a) for a in self.artifacts]
 
 
-def entry_to_pb(entry: CacheEntry, url_for: Callable[[str], str]) -> cache_service_pb2.CacheEntry:
+def entry_to_pb(
+    entry: CacheEntry, url_for: Callable[[str], str] | None = None
+) -> cache_service_pb2.CacheEntry:
     message = cache_service_pb2.CacheEntry(
         key=entry.key,
         seedless_key=entry.seedless_key,

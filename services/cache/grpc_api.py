@@ -18,10 +18,6 @@ from services.common.spec import Spec, resolve
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _no_url(key: str) -> str:
-    return ""  # URLs are signed by whoever hands artifacts to a client
-
-
 class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     def __init__(self, cache: PromptCache, registry: Registry) -> None:
         self._cache = cache
@@ -38,7 +34,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         key, entry = await self._cache.lookup(spec, request.seed_agnostic)
         if entry is None:
             return pb.LookupResponse(hit=False, key=key)
-        return pb.LookupResponse(hit=True, key=key, entry=entry_to_pb(entry, _no_url))
+        return pb.LookupResponse(hit=True, key=key, entry=entry_to_pb(entry))
 
     async def Store(self, request: pb.StoreRequest, context: Context) -> pb.StoreResponse:
         spec = self._spec(request, seed_required=True)
@@ -48,7 +44,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             raise InvalidArgument.one("artifacts", "must not be empty")
         artifacts = [artifact_from_pb(a, request.job_id) for a in request.artifacts]
         entry = await self._cache.store(spec, request.job_id, artifacts, request.ttl_seconds)
-        return pb.StoreResponse(entry=entry_to_pb(entry, _no_url))
+        return pb.StoreResponse(entry=entry_to_pb(entry))
 
     async def Invalidate(
         self, request: pb.InvalidateRequest, context: Context

@@ -117,7 +117,11 @@ def with_pb_fields(error: InvalidArgument, prefix: str = "spec") -> InvalidArgum
     )
 
 
-def artifact_to_pb(artifact: ArtifactRecord, url_for: Callable[[str], str]) -> types_pb2.Artifact:
+def artifact_to_pb(
+    artifact: ArtifactRecord, url_for: Callable[[str], str] | None = None
+) -> types_pb2.Artifact:
+    """The artifact as a message; `url_for` signs a download URL (events and the cache carry
+    none: URLs expire, so they are signed when handed to a client)."""
     evaluation = types_pb2.Evaluation(nsfw=artifact.nsfw)
     for name in ("clip_score", "lpips_diversity", "lpips_to_reference"):
         value = getattr(artifact, name)
@@ -126,7 +130,7 @@ def artifact_to_pb(artifact: ArtifactRecord, url_for: Callable[[str], str]) -> t
     return types_pb2.Artifact(
         id=artifact.id,
         key=artifact.key,
-        url=url_for(artifact.key),
+        url=url_for(artifact.key) if url_for else "",
         width_px=artifact.width,
         height_px=artifact.height,
         variant_index=artifact.variant_index,
@@ -156,7 +160,7 @@ def artifact_from_pb(message: types_pb2.Artifact, job_id: str) -> ArtifactRecord
     )
 
 
-def job_to_pb(job: JobRecord, url_for: Callable[[str], str]) -> types_pb2.Job:
+def job_to_pb(job: JobRecord, url_for: Callable[[str], str] | None = None) -> types_pb2.Job:
     message = types_pb2.Job(
         id=job.id,
         status=STATUS_TO_PB[job.status],

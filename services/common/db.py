@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
@@ -58,7 +57,3 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
     return applied
-
-
-def row_dict(row: asyncpg.Record | None) -> dict[str, Any] | None:
-    return dict(row) if row is not None else None

@@ -14,7 +14,9 @@ import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 from imagegen.v1 import events_pb2
 
+from services.common.convert import job_to_pb
 from services.common.errors import InvalidArgument
+from services.common.jobstore import JobRecord
 
 _FIELD = b"e"
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -53,13 +55,15 @@ class EventLog:
         event.id = event_id
         return event_id
 
-    async def read(
-        self, job_id: str, after: str, block_ms: int | None = None, count: int = 256
-    ) -> list[events_pb2.JobEvent]:
-        """Events after `after`, waiting up to `block_ms` for the first one when there are none."""
-        response: Any = await self._redis.xread(
-            {stream_key(job_id): after}, count=count, block=block_ms
-        )
+    async def append_final(self, job: JobRecord) -> str:
+        """Appends the job's final event: the job as it ended."""
+        event = events_pb2.JobEvent()
+        event.final.job.CopyFrom(job_to_pb(job))
+        return await self.append(job.id, event)
+
+    async def read(self, job_id: str, after: str, count: int = 256) -> list[events_pb2.JobEvent]:
+        """Stored events after `after` (live ones come through the gateway's EventHub)."""
+        response: Any = await self._redis.xread({stream_key(job_id): after}, count=count)
         return [event for _, event in decode_entries(response)]
 
 

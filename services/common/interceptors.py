@@ -67,7 +67,7 @@ def _wrap_unary(method: str, behaviour: Any) -> Any:
         started = time.perf_counter()
         try:
             return await behaviour(request, context)
-        except (grpc.aio.AbortError, AssertionError):
+        except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - the one place that maps every error
             await _abort(context, method, error)

@@ -70,7 +70,6 @@ class GatewaySettings(CommonSettings):
     listen_addr: str = "127.0.0.1:50051"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    job_max_attempts: int = 3
 
 
 class CacheSettings(CommonSettings):

@@ -16,15 +16,10 @@ from imagegen.v1 import (
 
 from services.common.convert import STATUS_FROM_PB, spec_from_pb, with_pb_fields
 from services.common.errors import InvalidArgument
-from services.common.spec import Spec
 from services.gateway.cost import Cost
 from services.gateway.jobs import JobService
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _spec(message: types_pb2.GenerationSpec) -> Spec:
-    return spec_from_pb(message)
 
 
 def cost_pb(cost: Cost) -> types_pb2.CostBreakdown:
@@ -46,7 +41,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     ) -> image_service_pb2.CreateJobResponse:
         try:
             admission = await self._jobs.create(
-                _spec(request.spec),
+                spec_from_pb(request.spec),
                 request.idempotency_key,
                 request.seed_agnostic_cache,
                 request.skip_cache,
@@ -93,7 +88,7 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         self, request: cost_service_pb2.EstimateCostRequest, context: Context
     ) -> cost_service_pb2.EstimateCostResponse:
         try:
-            cost = self._jobs.estimate(_spec(request.spec))
+            cost = self._jobs.estimate(spec_from_pb(request.spec))
         except InvalidArgument as error:
             raise with_pb_fields(error) from None
         return cost_service_pb2.EstimateCostResponse(breakdown=cost_pb(cost))

@@ -110,7 +110,7 @@ class JobService:
             artifacts = [replace(a, id=str(uuid.uuid4()), job_id=job.id) for a in hit.artifacts]
             stored, created = await self._store.create(job, idempotency_key, artifacts)
             if created:
-                await self._append_final(stored)
+                await self._events.append_final(stored)
             return Admission(stored, cost, created)
         stored, created = await self._store.create(job, idempotency_key)
         if created:
@@ -124,7 +124,7 @@ class JobService:
                 await self._queue.enqueue(stored.id)
             except Exception as error:
                 if await self._store.finish(stored.id, FAILED, "could not be queued"):
-                    await self._append_final(await self._store.get(stored.id))
+                    await self._events.append_final(await self._store.get(stored.id))
                 raise Unavailable("the job queue is unavailable") from error
             # Were this lost (a crash right here), the generators' sweep would queue it again;
             # a second queue entry for a job is harmless.
@@ -177,7 +177,7 @@ class JobService:
         await self._queue.request_cancel(job_id)
         if job.status == QUEUED and await self._store.finish(job_id, CANCELLED, stage="cancelled"):
             job = await self._store.get(job_id)
-            await self._append_final(job)
+            await self._events.append_final(job)
         return await self._store.get(job_id)
 
     async def watch(self, job_id: str, after_event_id: str) -> AsyncIterator[events_pb2.JobEvent]:
@@ -216,11 +216,6 @@ class JobService:
         for artifact in artifacts:
             artifact.url = self.objects.download_url(artifact.key)
         return event
-
-    async def _append_final(self, job: JobRecord) -> None:
-        event = events_pb2.JobEvent()
-        event.final.job.CopyFrom(self.job_pb(job))
-        await self._events.append(job.id, event)
 
 
 def _decode_token(token: str) -> tuple[datetime, str] | None:

@@ -16,7 +16,7 @@ from dataclasses import replace
 from imagegen.v1 import events_pb2, types_pb2
 
 from services.cache.client import CacheClient
-from services.common.convert import artifact_to_pb, job_to_pb
+from services.common.convert import artifact_to_pb
 from services.common.errors import InvalidArgument, NotFound
 from services.common.events import EventLog
 from services.common.jobstore import (
@@ -37,10 +37,6 @@ log = logging.getLogger("imagegen.worker")
 
 CANCEL_POLL_SECONDS = 0.1
 PROGRESS_DB_INTERVAL_SECONDS = 0.5
-
-
-def _no_url(key: str) -> str:
-    return ""  # events carry keys; the gateway signs URLs when it hands them out
 
 
 class QueueWorker:
@@ -129,7 +125,7 @@ class QueueWorker:
                 await self._append(
                     job.id,
                     artifact=events_pb2.ArtifactEvent(
-                        artifact=artifact_to_pb(artifact, _no_url),
+                        artifact=artifact_to_pb(artifact),
                         render_ms=item.render_ms,
                         encode_ms=item.encode_ms,
                         store_ms=(time.perf_counter() - started) * 1e3,
@@ -167,7 +163,7 @@ class QueueWorker:
         await self._append(
             job.id,
             evaluation=events_pb2.EvaluationEvent(
-                artifacts=[artifact_to_pb(a, _no_url) for a in ordered],
+                artifacts=[artifact_to_pb(a) for a in ordered],
                 models=result.models,
                 evaluate_ms=evaluate_ms,
             ),
@@ -197,10 +193,7 @@ class QueueWorker:
 
     async def _end(self, job_id: str, status: str, error: str = "", stage: str = "") -> None:
         if await self._store.finish(job_id, status, error, stage):
-            job = await self._store.get(job_id)
-            event = events_pb2.JobEvent()
-            event.final.job.CopyFrom(job_to_pb(job, _no_url))
-            await self._events.append(job_id, event)
+            await self._events.append_final(await self._store.get(job_id))
 
     async def _append(self, job_id: str, **payload: object) -> None:
         await self._events.append(job_id, events_pb2.JobEvent(**payload))  # type: ignore[arg-type]
