@@ -10,14 +10,16 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import admission, mesh_overhead, sse_fanout, throughput
+from bench import admission, mesh_overhead, polling, sse_fanout, throughput
 from bench.client import running_mesh
 from bench.report import render
 from bench.stats import machine
+from services.mesh import Mesh
 
 HERE = Path(__file__).parent
 
@@ -25,6 +27,7 @@ HERE = Path(__file__).parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", help="run just this benchmark (e.g. polling); no files written")
     args = parser.parse_args()
     # A SIGTERM unwinds like Ctrl-C, so the mesh and its stores are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
@@ -34,20 +37,29 @@ def main() -> None:
         "machine": machine(),
         "quick": quick,
     }
+    runs: dict[str, Callable[[Mesh], Any]] = {
+        "mesh_overhead": lambda m: mesh_overhead.run(m, runs=3 if quick else 9),
+        "throughput": lambda m: throughput.run(m, repeats=1 if quick else 3),
+        "polling": lambda m: polling.run(
+            m, reads=300 if quick else 2000, jobs=32 if quick else 96, repeats=1 if quick else 3
+        ),
+        "sse_fanout": lambda m: sse_fanout.run(m, watchers=100 if quick else 1000, jobs=4),
+        # Last: it stops the generator.
+        "admission": lambda m: admission.run(
+            m, count=200 if quick else 1000, repeats=1 if quick else 3
+        ),
+    }
+    if args.only and args.only not in runs:
+        parser.error(f"--only: one of {sorted(runs)}")
     started = time.perf_counter()
     with running_mesh() as mesh:
-        print("mesh overhead …", flush=True)
-        results["mesh_overhead"] = asyncio.run(mesh_overhead.run(mesh, runs=3 if quick else 9))
-        print("throughput …", flush=True)
-        results["throughput"] = asyncio.run(throughput.run(mesh, repeats=1 if quick else 3))
-        print("SSE fan-out …", flush=True)
-        results["sse_fanout"] = asyncio.run(
-            sse_fanout.run(mesh, watchers=100 if quick else 1000, jobs=4)
-        )
-        print("admission …", flush=True)
-        results["admission"] = asyncio.run(
-            admission.run(mesh, count=200 if quick else 1000, repeats=1 if quick else 3)
-        )
+        for name, bench in runs.items():
+            if args.only in (None, name):
+                print(f"{name} …", flush=True)
+                results[name] = asyncio.run(bench(mesh))
+    if args.only:
+        print(json.dumps(results[args.only], indent=2))
+        return
     results["wall_s"] = time.perf_counter() - started
     name = "results.quick.json" if quick else "results.json"
     (HERE / name).write_text(json.dumps(results, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """Admission: CreateJob/s through gRPC and through HTTP with the generator stopped (queueing
-only), against a floor: the same store writes (job row, queue entry, first event) made directly
-from this process with no RPC, no validation and no cache lookup."""
+only), against a floor: the same store writes (JobLifecycle.admit: the job row and its snapshot,
+the queue entry, the first event) made directly from this process with no RPC, no validation and
+no cache lookup."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from typing import Any
 
 import grpc
 import httpx
-from imagegen.v1 import events_pb2, image_service_pb2, image_service_pb2_grpc, types_pb2
+from imagegen.v1 import image_service_pb2, image_service_pb2_grpc, types_pb2
 
 from bench.stats import median, percentile
 from services.common import db
 from services.common.events import EventLog
-from services.common.jobstore import JobRecord, JobStore
 from services.common.queue import JobQueue
 from services.common.redis import connect_redis
 from services.common.spec import Spec
+from services.jobs.lifecycle import JobLifecycle
+from services.jobs.records import JobRecord, JobStatus
 from services.mesh import Mesh
 
 CONCURRENCY = 32
@@ -86,12 +88,12 @@ async def run(mesh: Mesh, count: int, repeats: int) -> dict[str, Any]:
 
     pool = await db.connect(mesh.env["DATABASE_URL"], max_size=CONCURRENCY)
     redis = connect_redis(mesh.env["REDIS_URL"])
-    store, queue, events = JobStore(pool), JobQueue(redis), EventLog(redis, 3600)
+    lifecycle = JobLifecycle(pool, redis, EventLog(redis, 3600), JobQueue(redis))
 
     async def direct_call(seed: int) -> None:
         job = JobRecord(
             id=str(uuid.uuid4()),
-            status="queued",
+            status=JobStatus.QUEUED,
             cache_key="bench",
             cost_cents=1,
             spec=Spec(
@@ -105,12 +107,7 @@ async def run(mesh: Mesh, count: int, repeats: int) -> dict[str, Any]:
                 guidance_scale=7.5,
             ),
         )
-        await store.create(job)
-        await events.append(
-            job.id,
-            events_pb2.JobEvent(status=events_pb2.StatusEvent(status=types_pb2.JOB_STATUS_QUEUED)),
-        )
-        await queue.enqueue(job.id)
+        await lifecycle.admit(job)  # the row and its snapshot, the first event, the queue entry
 
     try:
         await _drive(50, direct_call)

@@ -171,8 +171,10 @@ async def start_in_process(env: ServiceEnv, names: tuple[str, ...], workers: int
                     GeneratorSettings,
                     workers=workers,
                     claim_idle_ms=2000,
-                    sweep_interval_seconds=0.5,
-                    sweep_after_seconds=1.0,
+                    reconcile_interval_seconds=0.5,
+                    requeue_after_seconds=1.0,
+                    lease_seconds=3.0,
+                    torch_threads=1,
                     **peers(),
                 )
             )

@@ -208,12 +208,30 @@ async def test_create_job_with_an_idempotency_key_returns_the_first_job(
     images: image_service_pb2_grpc.ImageServiceStub,
 ) -> None:
     key = f"retry-{uuid.uuid4()}"
-    first = await create(images, spec(seed=None), idempotency_key=key)
-    second = await create(images, spec(seed=None), idempotency_key=key)
+    request_spec = spec(seed=None)
+    first = await create(images, request_spec, idempotency_key=key)
+    second = await create(images, request_spec, idempotency_key=key)
     assert second.job.id == first.job.id
     assert second.job.spec.seed == first.job.spec.seed
-    other = await create(images, spec(seed=None), idempotency_key=f"retry-{uuid.uuid4()}")
+    other = await create(images, request_spec, idempotency_key=f"retry-{uuid.uuid4()}")
     assert other.job.id != first.job.id
+
+
+async def test_create_job_reusing_an_idempotency_key_for_another_request_is_refused(
+    images: image_service_pb2_grpc.ImageServiceStub, http: httpx.AsyncClient
+) -> None:
+    key = f"retry-{uuid.uuid4()}"
+    await create(images, spec(), idempotency_key=key)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await create(images, spec(), idempotency_key=key)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    response = await http.post(
+        "/api/generate/text-to-image",
+        json={"prompt": "something else", "width": 64, "height": 64},
+        headers={"Idempotency-Key": key},
+    )
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "ALREADY_EXISTS"
 
 
 async def test_create_job_with_a_too_long_idempotency_key_names_that_field(

@@ -5,7 +5,9 @@ cancelling, retries after a worker-side failure, and the cache hit that follows 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
 import json
 import time
 import uuid
@@ -27,13 +29,16 @@ from imagegen.v1 import (
     image_service_pb2_grpc,
     types_pb2,
 )
+from PIL import Image
 
 from services.common import db
-from services.common.jobstore import JobRecord, JobStore
+from services.common.events import EventLog
 from services.common.objectstore import content_key, open_store
-from services.common.queue import DEAD_LETTERS
+from services.common.queue import DEAD_LETTERS, INDEX, STREAM, JobQueue
 from services.common.settings import ROOT, CommonSettings, EvaluatorSettings, GeneratorSettings
 from services.common.spec import Spec
+from services.jobs.lifecycle import JobLifecycle
+from services.jobs.records import JobRecord, JobStatus
 from tests.conftest import Mesh, ServiceEnv, start_in_process
 from tests.helpers import violations
 
@@ -461,10 +466,10 @@ async def test_watching_after_the_final_event_ends_at_once_with_nothing_more(
 
 
 def queued_job() -> JobRecord:
-    """A queued job row as a gateway writes it, not yet on the queue."""
+    """A queued job as a gateway admits it."""
     return JobRecord(
         id=str(uuid.uuid4()),
-        status="queued",
+        status=JobStatus.QUEUED,
         spec=Spec(
             prompt=f"a kite {uuid.uuid4().hex}",
             model="tiny-sd",
@@ -480,44 +485,63 @@ def queued_job() -> JobRecord:
     )
 
 
-async def _job_store(env: ServiceEnv) -> tuple[JobStore, Any]:
+@contextlib.asynccontextmanager
+async def lifecycle_of(env: ServiceEnv) -> AsyncIterator[tuple[JobLifecycle, Any, Any]]:
+    """A JobLifecycle on the module's stores (as a second gateway would have), with its pool
+    and Redis client."""
     pool = await db.connect(env.database_url, max_size=2)
-    return JobStore(pool), pool
+    redis = aioredis.from_url(env.redis_url)
+    try:
+        yield JobLifecycle(pool, redis, EventLog(redis, 600), JobQueue(redis)), pool, redis
+    finally:
+        await redis.aclose()
+        await pool.close()
 
 
-async def test_a_job_whose_creator_died_before_queueing_it_is_swept_onto_the_queue(
+async def test_a_queued_job_whose_queue_entry_was_lost_is_queued_again_and_runs(
     images: image_service_pb2_grpc.ImageServiceStub, env: ServiceEnv
 ) -> None:
-    store, pool = await _job_store(env)
-    try:
-        # What a gateway leaves when it dies between the job's row and its queue entry.
+    async with lifecycle_of(env) as (lifecycle, _, redis):
+        # Admitted while Redis was away: the row exists, the queue entry does not.
         job = queued_job()
-        await store.create(job)
-        await pool.execute(
-            "UPDATE jobs SET created_at = now() - interval '1 minute' WHERE id = $1",
-            uuid.UUID(job.id),
-        )
+        await lifecycle.admit(job)
+        entry = await redis.hget(INDEX, job.id)
+        await redis.xdel(STREAM, entry)
+        await redis.hdel(INDEX, job.id)
         events = await job_events(images, job.id)
-    finally:
-        await pool.close()
     assert events[-1].final.job.status == types_pb2.JOB_STATUS_COMPLETED
     assert events[-1].final.job.attempts == 1
 
 
-async def test_only_a_reclaimed_delivery_restarts_a_running_job(env: ServiceEnv) -> None:
-    store, pool = await _job_store(env)
-    try:
+async def test_a_running_job_is_held_by_one_attempt_until_its_lease_runs_out(
+    env: ServiceEnv,
+) -> None:
+    async with lifecycle_of(env) as (lifecycle, pool, redis):
         job = queued_job()
-        await store.create(job)
-        assert await store.start_attempt(job.id, reclaimed=False) == 1
-        # A second queue entry for the same job (a sweep racing the gateway) is dropped ...
-        assert await store.start_attempt(job.id, reclaimed=False) is None
-        # ... while the entry of a worker that died is taken over.
-        assert await store.start_attempt(job.id, reclaimed=True) == 2
-        assert await store.finish(job.id, "completed")
-        assert await store.start_attempt(job.id, reclaimed=True) is None
-    finally:
-        await pool.close()
+        await redis.delete(STREAM)  # keep the module's worker away from this job
+        await lifecycle.admit(job)
+        await redis.delete(STREAM)
+        first = await lifecycle.start_attempt(job.id)
+        assert first is not None and first.number == 1
+        # A second delivery of the same job (a duplicate entry) finds it held ...
+        assert await lifecycle.start_attempt(job.id) is None
+        assert await lifecycle.renew(first)
+        # ... until the lease of the first runs out (its worker died): then it is taken over,
+        await pool.execute(
+            "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+            uuid.UUID(job.id),
+        )
+        second = await lifecycle.start_attempt(job.id)
+        assert second is not None and second.number == 2
+        # and the first attempt, come back to life, can change nothing.
+        assert not await lifecycle.renew(first)
+        assert not await lifecycle.complete(first)
+        assert await lifecycle.complete(second)
+        assert not await lifecycle.complete(second)  # completed once
+        assert await lifecycle.start_attempt(job.id) is None
+        ended = await lifecycle.get(job.id)
+    assert ended.status is JobStatus.COMPLETED and ended.attempts == 2
+    assert ended.cost_cents == 1
 
 
 async def test_cancelling_a_running_job_ends_it_cancelled_before_all_steps_ran(
@@ -562,15 +586,20 @@ async def test_the_worker_takes_the_next_job_after_a_cancelled_one(
 async def test_a_job_failing_for_a_reason_retrying_cannot_fix_fails_on_its_first_attempt(
     images: image_service_pb2_grpc.ImageServiceStub, env: ServiceEnv
 ) -> None:
-    objects = open_store(env.settings(CommonSettings))
-    reference = b"\x89PNG\r\n\x1a\n" + uuid.uuid4().bytes  # unreadable as an image, once evaluated
-    key = content_key(reference, "uploads", "png")
-    await objects.put(key, reference, "image/png")
+    settings = env.settings(CommonSettings)
+    objects = open_store(settings)
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (uuid.uuid4().int % 256, 40, 90)).save(buffer, format="PNG")
+    key = content_key(buffer.getvalue(), "uploads", "png")
+    await objects.put(key, buffer.getvalue(), "image/png")
     request_spec = spec(width_px=256, height_px=256, steps=60)
     request_spec.guidance_images.add(key=key, role=types_pb2.GUIDANCE_ROLE_REFERENCE)
     created = await images.CreateJob(
         image_service_pb2.CreateJobRequest(spec=request_spec, skip_cache=True)
     )
+    # The upload disappears after admission (an expiry rule removed it): the evaluator cannot
+    # read the reference, and no retry can bring it back.
+    (settings.objects_root() / key).unlink()
     events = await job_events(images, created.job.id)
     errors = [e.error for e in events if e.HasField("error")]
     assert [e.retrying for e in errors] == [False]  # the evaluator's INVALID_ARGUMENT

@@ -9,8 +9,8 @@ from imagegen.v1 import cache_service_pb2_grpc
 from services.cache.entry import CacheEntry, entry_from_pb
 from services.common.convert import artifact_to_pb, spec_to_pb
 from services.common.errors import from_rpc_error
-from services.common.jobstore import ArtifactRecord
 from services.common.spec import Spec
+from services.jobs.records import ArtifactRecord
 
 
 class CacheClient:

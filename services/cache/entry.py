@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from imagegen.v1 import cache_service_pb2
 
 from services.common.convert import artifact_from_pb, artifact_to_pb
-from services.common.jobstore import ArtifactRecord
+from services.jobs.records import ArtifactRecord, encode_artifact
 
 
 @dataclass
@@ -25,7 +25,7 @@ class CacheEntry:
     hit_count: int = 0
 
     def artifacts_json(self) -> list[dict[str, Any]]:
-        return [asdict(a) for a in self.artifacts]
+        return [encode_artifact(a) for a in self.artifacts]
 
 
 def entry_to_pb(

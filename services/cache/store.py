@@ -8,7 +8,7 @@ any seed. Entries live for a TTL (30 days by default) and count their hits.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,9 +16,9 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from services.cache.entry import CacheEntry
-from services.common.jobstore import ArtifactRecord
 from services.common.models import Registry
 from services.common.spec import Spec, cache_keys
+from services.jobs.records import ArtifactRecord, decode_artifact
 
 _HOT = "imagegen:cache:key:"
 _SEEDLESS = "imagegen:cache:seedless:"
@@ -29,23 +29,39 @@ _COLUMNS = "key, seedless_key, job_id, seed, artifacts, hit_count, created_at, e
 def _entry(row: asyncpg.Record) -> CacheEntry:
     data = dict(row)
     data["job_id"] = str(data["job_id"])
-    data["artifacts"] = [ArtifactRecord(**a) for a in data["artifacts"]]
+    data["artifacts"] = [decode_artifact(a) for a in data["artifacts"]]
     return CacheEntry(**data)
 
 
 def _to_json(entry: CacheEntry) -> str:
-    data = asdict(entry)
-    data["created_at"] = entry.created_at.isoformat()
-    data["expires_at"] = entry.expires_at.isoformat()
-    return json.dumps(data)
+    """The hot index's copy of an entry (version 1)."""
+    return json.dumps(
+        {
+            "v": 1,
+            "key": entry.key,
+            "seedless_key": entry.seedless_key,
+            "job_id": entry.job_id,
+            "seed": entry.seed,
+            "artifacts": entry.artifacts_json(),
+            "created_at": entry.created_at.isoformat(),
+            "expires_at": entry.expires_at.isoformat(),
+            "hit_count": entry.hit_count,
+        }
+    )
 
 
 def _from_json(blob: bytes) -> CacheEntry:
     data = json.loads(blob)
-    data["artifacts"] = [ArtifactRecord(**a) for a in data["artifacts"]]
-    data["created_at"] = datetime.fromisoformat(data["created_at"])
-    data["expires_at"] = datetime.fromisoformat(data["expires_at"])
-    return CacheEntry(**data)
+    return CacheEntry(
+        key=data["key"],
+        seedless_key=data["seedless_key"],
+        job_id=data["job_id"],
+        seed=data["seed"],
+        artifacts=[decode_artifact(a) for a in data["artifacts"]],
+        created_at=datetime.fromisoformat(data["created_at"]),
+        expires_at=datetime.fromisoformat(data["expires_at"]),
+        hit_count=data.get("hit_count", 0),
+    )
 
 
 class PromptCache:

@@ -9,21 +9,21 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2
-from imagegen.v1 import types_pb2
+from imagegen.v1 import events_pb2, types_pb2
 
 from services.common.errors import FieldViolation, InvalidArgument
-from services.common.jobstore import ArtifactRecord, JobRecord
 from services.common.spec import ControlNet, GuidanceImage, Spec
+from services.jobs.records import ArtifactRecord, JobRecord, JobStatus
 
 STATUS_TO_PB = {
-    "queued": types_pb2.JOB_STATUS_QUEUED,
-    "running": types_pb2.JOB_STATUS_RUNNING,
-    "completed": types_pb2.JOB_STATUS_COMPLETED,
-    "failed": types_pb2.JOB_STATUS_FAILED,
-    "cancelled": types_pb2.JOB_STATUS_CANCELLED,
+    JobStatus.QUEUED: types_pb2.JOB_STATUS_QUEUED,
+    JobStatus.RUNNING: types_pb2.JOB_STATUS_RUNNING,
+    JobStatus.COMPLETED: types_pb2.JOB_STATUS_COMPLETED,
+    JobStatus.FAILED: types_pb2.JOB_STATUS_FAILED,
+    JobStatus.CANCELLED: types_pb2.JOB_STATUS_CANCELLED,
 }
 STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
 _ROLE_TO_PB = {
@@ -40,7 +40,7 @@ _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec))
 def spec_from_pb(message: types_pb2.GenerationSpec) -> Spec:
     fibo = None
     if message.HasField("fibo_json"):
-        fibo = json_format.MessageToDict(message.fibo_json)
+        fibo = _struct(message.fibo_json)
     controlnet = None
     if message.HasField("controlnet"):
         c = message.controlnet
@@ -64,6 +64,23 @@ def spec_from_pb(message: types_pb2.GenerationSpec) -> Spec:
         ),
         controlnet=controlnet,
     )
+
+
+def _struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain JSON values, as it came: a NaN or infinite number stays one, for
+    `resolve` to name its path (json_format refuses them without saying where)."""
+    return {key: _value(value) for key, value in struct.fields.items()}
+
+
+def _value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _struct(value.struct_value)
+    if kind == "list_value":
+        return [_value(v) for v in value.list_value.values]
+    if kind in ("number_value", "string_value", "bool_value"):
+        return getattr(value, kind)
+    return None
 
 
 def spec_to_pb(spec: Spec) -> types_pb2.GenerationSpec:
@@ -173,6 +190,8 @@ def job_to_pb(job: JobRecord, url_for: Callable[[str], str] | None = None) -> ty
         error=job.error,
         attempts=job.attempts,
         engine_version=job.engine_version,
+        retryable=job.retryable,
+        evaluator_models=job.evaluator_models,
     )
     if job.created_at is not None:
         message.create_time.FromDatetime(job.created_at)
@@ -186,3 +205,30 @@ def message_to_json(message: Any) -> dict[str, Any]:
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
     return result
+
+
+Signable = TypeVar("Signable", types_pb2.Job, events_pb2.JobEvent)
+
+
+def with_urls(message: Signable, url_for: Callable[[str], str]) -> Signable:
+    """Signs a fresh download URL into every artifact of a job or event, in place: what is
+    stored carries keys only, since URLs expire."""
+    artifacts: list[types_pb2.Artifact] = []
+    if isinstance(message, types_pb2.Job):
+        artifacts = list(message.artifacts)
+    elif message.HasField("artifact"):
+        artifacts = [message.artifact.artifact]
+    elif message.HasField("evaluation"):
+        artifacts = list(message.evaluation.artifacts)
+    elif message.HasField("final"):
+        artifacts = list(message.final.job.artifacts)
+    for artifact in artifacts:
+        artifact.url = url_for(artifact.key)
+    return message
+
+
+def signed_job(job: JobRecord | types_pb2.Job, url_for: Callable[[str], str]) -> types_pb2.Job:
+    """The job as a client gets it: a message with fresh download URLs."""
+    message = job if isinstance(job, types_pb2.Job) else job_to_pb(job)
+    with_urls(message, url_for)
+    return message

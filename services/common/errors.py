@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -80,9 +80,43 @@ class FailedPrecondition(ServiceError):
     http_status = 409
 
 
+class PayloadTooLarge(InvalidArgument):
+    """A request body (or upload) over its size limit, refused before it is read in full."""
+
+    http_status = 413
+
+    def __init__(self, field: str, limit_bytes: int) -> None:
+        super().__init__([FieldViolation(field, f"at most {limit_bytes} bytes")])
+        self.limit_bytes = limit_bytes
+
+
+class Conflict(ServiceError):
+    """The request clashes with one already made (an idempotency key reused for another body)."""
+
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 409
+
+
+class MethodNotAllowed(ServiceError):
+    """An HTTP route asked with a method it does not serve."""
+
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED
+    http_status = 405
+
+
 class Unavailable(ServiceError):
+    """A store or peer is away; the same request may succeed after `retry_after_seconds`."""
+
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
+
+    def __init__(self, message: str, retry_after_seconds: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+    def details(self) -> list[Any]:
+        delay = duration_pb2.Duration(seconds=self.retry_after_seconds)
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
 class Cancelled(ServiceError):
@@ -112,7 +146,15 @@ class QuotaExceeded(ServiceError):
 
 _BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
     cls.grpc_code: cls
-    for cls in (NotFound, Forbidden, FailedPrecondition, Unavailable, Cancelled, ServiceError)
+    for cls in (
+        NotFound,
+        Forbidden,
+        FailedPrecondition,
+        Conflict,
+        Unavailable,
+        Cancelled,
+        ServiceError,
+    )
 }
 
 

@@ -14,12 +14,11 @@ import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 from imagegen.v1 import events_pb2
 
-from services.common.convert import job_to_pb
 from services.common.errors import InvalidArgument
-from services.common.jobstore import JobRecord
 
 _FIELD = b"e"
-_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
 
 
 def stream_key(job_id: str) -> str:
@@ -28,9 +27,13 @@ def stream_key(job_id: str) -> str:
 
 def check_event_id(event_id: str, field: str) -> str:
     """'' means the start; anything else must be an id this service handed out."""
-    if event_id and not _EVENT_ID.match(event_id):
+    if not event_id:
+        return "0-0"
+    # fullmatch and [0-9]: `$` would let a trailing newline through, `\d` any Unicode digit.
+    match = _EVENT_ID.fullmatch(event_id)
+    if match is None or any(int(part) > _MAX_ID_PART for part in match.groups()):
         raise InvalidArgument.one(field, "not an event id")
-    return event_id or "0-0"
+    return event_id
 
 
 class EventLog:
@@ -54,12 +57,6 @@ class EventLog:
         event_id = str(added.decode())
         event.id = event_id
         return event_id
-
-    async def append_final(self, job: JobRecord) -> str:
-        """Appends the job's final event: the job as it ended."""
-        event = events_pb2.JobEvent()
-        event.final.job.CopyFrom(job_to_pb(job))
-        return await self.append(job.id, event)
 
     async def read(self, job_id: str, after: str, count: int = 256) -> list[events_pb2.JobEvent]:
         """Stored events after `after` (live ones come through the gateway's EventHub)."""

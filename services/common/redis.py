@@ -6,6 +6,9 @@ failing with "Too many connections"."""
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, TimeoutError
 
 # Reads wait longer than the longest blocking command (a WatchJob poll blocks for 5 s); the
 # client's default of 5 s would abort those reads with a TimeoutError.
@@ -26,5 +29,9 @@ def connect_redis(url: str) -> aioredis.Redis:
         health_check_interval=30,
         socket_timeout=SOCKET_TIMEOUT_SECONDS,
         socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        # A connection the server closed (a restart) is replaced and the command sent again;
+        # a server that stays away fails fast, and the caller decides what that means.
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+        retry_on_error=[ConnectionError, TimeoutError],
     )
     return aioredis.Redis.from_pool(pool)

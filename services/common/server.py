@@ -25,6 +25,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class PortInUse(RuntimeError):
+    """The service's address is taken: it refuses to start rather than share it."""
+
+
 @dataclass
 class Servicer:
     """A servicer to add: its full service name and the generated `add_..._to_server`."""
@@ -39,13 +43,16 @@ class RunningServer:
     port: int
     health: health_aio.HealthServicer
     names: list[str] = field(default_factory=list)
+    stopping: bool = False
 
     async def set_serving(self, serving: bool) -> None:
-        status = SERVING if serving else NOT_SERVING
+        """Sets every served service's status; once stopping, it stays NOT_SERVING."""
+        status = SERVING if serving and not self.stopping else NOT_SERVING
         for name in [*self.names, ""]:
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
+        self.stopping = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
@@ -74,9 +81,15 @@ async def start_server(
         ],
         server,
     )
-    port = server.add_insecure_port(addr)
+    try:
+        port = server.add_insecure_port(addr)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot listen on {addr}")
+        # SO_REUSEPORT is off: a second copy of the service cannot silently share the port.
+        raise PortInUse(
+            f"cannot listen on {addr}: the address is in use (is another copy running?)"
+        )
     await server.start()
     running = RunningServer(server, port, health, names)
     await running.set_serving(serving)
@@ -107,6 +120,7 @@ class Service:
 
     async def stop(self, grace: float) -> None:
         """Reports NOT_SERVING, drains in-flight calls for up to `grace`, then cleans up."""
+        self.grpc.stopping = True
         await self.grpc.set_serving(False)
         await self.grpc.stop(grace)
         for cleanup in reversed(self.cleanups):
@@ -117,7 +131,11 @@ def run(start: Callable[[], Awaitable[Service]], grace: float) -> None:
     """A service process's main: start, serve until SIGTERM/SIGINT, stop gracefully."""
 
     async def main() -> None:
-        service = await start()
+        try:
+            service = await start()
+        except PortInUse as error:
+            log.error("%s", error)
+            raise SystemExit(2) from None
         await wait_for_signal()
         log.info("shutting down (grace %.1fs)", grace)
         await service.stop(grace)

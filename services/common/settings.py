@@ -47,6 +47,10 @@ class CommonSettings(BaseSettings):
     rpc_timeout_seconds: float = 30.0
 
     event_ttl_seconds: int = 24 * 3600  # how long a job's event stream outlives its last event
+    # How long a reused Idempotency-Key returns its first job (and refuses another request).
+    idempotency_ttl_seconds: int = 24 * 3600
+    # Threads torch may use in this process (0: the cores divided among the two model services).
+    torch_threads: int = 0
     grace_seconds: float = 10.0
     max_message_bytes: int = 32 * 1024 * 1024
 
@@ -83,9 +87,13 @@ class GeneratorSettings(CommonSettings):
     workers: int = Field(default=1, ge=0)
     consumer_name: str = ""
     job_max_attempts: int = 3
+    # A running job's lease: renewed by its worker every third of it; when it runs out (the
+    # worker died or lost its stores) the reconciler queues the job again.
+    lease_seconds: float = Field(default=30.0, gt=0)
     claim_idle_ms: int = 60_000
-    sweep_interval_seconds: float = 30.0
-    sweep_after_seconds: float = 30.0
+    reconcile_interval_seconds: float = Field(default=5.0, gt=0)
+    # A queued job is checked for a lost queue entry once it has waited this long.
+    requeue_after_seconds: float = 10.0
 
 
 class EvaluatorSettings(CommonSettings):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -27,6 +29,15 @@ MAX_GUIDANCE_IMAGES = 5
 MAX_SEED = 2**53 - 1  # exact in JSON numbers and JavaScript
 GUIDANCE_ROLES = ("reference", "style", "texture")
 CONTROLNET_NAMES = ("canny", "depth", "recoloring", "color_grid")
+MAX_NAME_CHARS = 128  # model ids
+MAX_FIBO_DEPTH = 32  # nested objects and arrays; protobuf's Struct stops at 100
+MAX_FIBO_BYTES = 64 * 1024  # as compact UTF-8 JSON
+MAX_JSON_KEY_CHARS = 128
+MAX_FIBO_NUMBER = 2**53  # beyond it JSON numbers (doubles) are no longer exact integers
+# Violations reported for one free-form JSON value, and the length of a path in one: a gRPC
+# error travels in trailers, which clients refuse past 8-16 KiB.
+MAX_REPORTED = 5
+MAX_PATH_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,127 @@ def cache_keys(spec: Spec, model: ModelSpec) -> tuple[str, str]:
     return digest({"seed": spec.seed}), digest({})
 
 
+# Text and free-form JSON. Prompts (and the strings of a FIBO prompt) may hold tabs and line
+# breaks (\r too: browsers send \r\n); names and keys no control character at all. No text may
+# hold DEL or a lone surrogate (which has no UTF-8 encoding, so could be neither stored nor sent).
+_BAD_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+_BAD_IN_NAME = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ELIDED = "\u2026"  # …
+
+
+def text_problem(value: str, multiline: bool = False) -> str | None:
+    """Why `value` is not acceptable text, or None when it is."""
+    found = (_BAD_IN_TEXT if multiline else _BAD_IN_NAME).search(value)
+    if found is None:
+        return None
+    char = found.group()
+    if "\ud800" <= char <= "\udfff":
+        return "contains a lone surrogate, which is not valid Unicode"
+    return f"contains the control character U+{ord(char):04X}"
+
+
+def json_path(parent: str, key: str | int) -> str:
+    """`parent.key`, `parent[3]`, or `parent["odd key"]` (escaped, so it is safe to echo; a
+    long key cut short with `…`). A path grown past MAX_PATH_CHARS ends in `…` and grows no
+    more (not `...`: dots separate path segments)."""
+    if parent.endswith(_ELIDED):
+        return parent
+    if isinstance(key, int):
+        step = f"[{key}]"
+    elif _PLAIN_KEY.fullmatch(key) and len(key) <= 64:
+        step = f".{key}" if parent else key
+    else:
+        step = f"[{json.dumps(key[:32])}{_ELIDED if len(key) > 32 else ''}]"
+    path = parent + step
+    return path if len(path) <= MAX_PATH_CHARS else parent + _ELIDED
+
+
+# Where a node is: the root's path, or (where its parent is, its key or index). Rendered by
+# `path_of` only for the nodes that are reported, so that walking a large body stays cheap.
+Where = str | tuple[Any, str | int]
+
+
+def json_nodes(value: Any, root: str, max_depth: int) -> Iterator[tuple[Where, int, Any]]:
+    """(where, depth, value) of `value` and everything inside it, depth first in document
+    order, without recursion; containers deeper than `max_depth` are yielded but not entered."""
+    stack: list[tuple[Where, int, Any]] = [(root, 1, value)]
+    while stack:
+        node = stack.pop()
+        yield node
+        where, depth, item = node
+        if depth > max_depth:
+            continue
+        if isinstance(item, dict):
+            stack.extend(((where, k), depth + 1, v) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend(((where, i), depth + 1, item[i]) for i in range(len(item) - 1, -1, -1))
+
+
+def path_of(where: Where) -> str:
+    """The path (`fibo_json.objects[2].description`) of a node from `json_nodes`."""
+    keys: list[str | int] = []
+    while isinstance(where, tuple):
+        where, key = where
+        keys.append(key)
+    path = where
+    for key in reversed(keys):
+        path = json_path(path, key)
+    return path
+
+
+def json_value_problem(value: Any, depth: int, max_depth: int, multiline: bool) -> str | None:
+    """What is wrong with one node from `json_nodes` itself (not with what it holds)."""
+    if isinstance(value, dict | list):
+        if depth > max_depth:
+            return f"nested deeper than {max_depth} levels"
+        for key in value if isinstance(value, dict) else ():
+            if not isinstance(key, str) or not 0 < len(key) <= MAX_JSON_KEY_CHARS:
+                return f"keys must be strings of 1..{MAX_JSON_KEY_CHARS} characters"
+            if problem := text_problem(key):
+                return f"a key {problem}"
+        return None
+    if isinstance(value, str):
+        return text_problem(value, multiline)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if value is None or isinstance(value, bool | int | float):
+        return None
+    return "is not a JSON value"
+
+
+def fibo_violations(fibo: Any, field: str = "fibo_json") -> list[FieldViolation]:
+    """Everything that makes a FIBO prompt unsafe to store, hash or render, each named by its
+    JSON path (`fibo_json.lighting.direction`)."""
+    if not isinstance(fibo, dict):
+        return [FieldViolation(field, "must be a JSON object")]
+    bad: list[FieldViolation] = []
+    too_large = FieldViolation(field, f"at most {MAX_FIBO_BYTES} bytes as JSON")
+    for count, (where, depth, value) in enumerate(json_nodes(fibo, field, MAX_FIBO_DEPTH)):
+        if count > MAX_FIBO_BYTES // 2:  # each value takes 2 bytes or more: too large already
+            return [too_large]
+        problem = json_value_problem(value, depth, MAX_FIBO_DEPTH, multiline=True)
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if problem is None and is_number and abs(value) > MAX_FIBO_NUMBER:
+            problem = "must be between -2**53 and 2**53"
+        if problem is not None:
+            bad.append(FieldViolation(path_of(where), problem))
+            if len(bad) >= MAX_REPORTED:
+                break
+    if not bad:
+        size = len(json.dumps(fibo, ensure_ascii=False, separators=(",", ":")).encode())
+        if size > MAX_FIBO_BYTES:
+            bad.append(too_large)
+    return bad
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Spec:
     """Checks `spec` and fills in defaults and a seed; raises InvalidArgument naming every bad
     field. `require_seed` is for callers that must not get a random seed chosen for them."""
@@ -137,9 +269,20 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
         "give exactly one of prompt or fibo_json" if has_text else "must not be empty",
     )
     check(len(spec.prompt) <= MAX_PROMPT_CHARS, "prompt", f"at most {MAX_PROMPT_CHARS} chars")
+    for field, text in (("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt)):
+        if problem := text_problem(text, multiline=True):
+            bad.append(FieldViolation(field, problem))
     if spec.fibo_json is not None:
-        check(bool(canonical_fibo(spec.fibo_json)), "fibo_json", "must be a non-empty object")
+        fibo_bad = fibo_violations(spec.fibo_json)
+        bad += fibo_bad
+        if not fibo_bad:
+            check(bool(canonical_fibo(spec.fibo_json)), "fibo_json", "must be a non-empty object")
     check(len(spec.negative_prompt) <= MAX_PROMPT_CHARS, "negative_prompt", "too long")
+    model_problem = text_problem(spec.model)
+    if model_problem is None and len(spec.model) > MAX_NAME_CHARS:
+        model_problem = f"at most {MAX_NAME_CHARS} characters"
+    if model_problem is not None:  # not looked up: the registry's error would echo it
+        raise InvalidArgument([FieldViolation("model", model_problem), *bad])
     try:
         model = registry.get(spec.model)
     except InvalidArgument as error:
@@ -161,10 +304,12 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
     steps = spec.steps or model.default_steps
     check(1 <= steps <= model.max_steps, "steps", f"must be 1..{model.max_steps}")
     # Rounded here, for every caller: gRPC carries floats, JSON doubles; both must key alike.
-    guidance = round(
-        model.default_guidance if spec.guidance_scale is None else spec.guidance_scale, 4
-    )
-    check(0.0 <= guidance <= 30.0, "guidance_scale", "must be between 0 and 30")
+    guidance = model.default_guidance if spec.guidance_scale is None else spec.guidance_scale
+    if _finite(guidance):
+        guidance = round(guidance, 4)
+        check(0.0 <= guidance <= 30.0, "guidance_scale", "must be between 0 and 30")
+    else:
+        bad.append(FieldViolation("guidance_scale", "must be a finite number"))
     if spec.seed is None:
         check(not require_seed, "seed", "must be set")
         seed = secrets.randbelow(2**31)
@@ -177,23 +322,24 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
         f"at most {MAX_GUIDANCE_IMAGES}",
     )
     for i, image in enumerate(spec.guidance_images):
-        check(
-            bool(KEY_PATTERN.match(image.key)),
-            f"guidance_images[{i}].key",
-            "not a valid upload key",
-        )
+        check(_valid_key(image.key), f"guidance_images[{i}].key", "not a valid upload key")
         check(
             image.role in GUIDANCE_ROLES, f"guidance_images[{i}].role", f"one of {GUIDANCE_ROLES}"
         )
     if spec.controlnet is not None:
-        name, weight = spec.controlnet.name, round(spec.controlnet.weight, 4)
+        name, weight = spec.controlnet.name, spec.controlnet.weight
         check(name in CONTROLNET_NAMES, "controlnet.name", f"one of {CONTROLNET_NAMES}")
         check(
             name not in CONTROLNET_NAMES or name in model.controlnets,
             "controlnet.name",
             f"model {model.id} has no {name} ControlNet",
         )
-        check(0.0 <= weight <= 1.0, "controlnet.weight", "must be between 0 and 1")
+        if _finite(weight):
+            check(0.0 <= round(weight, 4) <= 1.0, "controlnet.weight", "must be between 0 and 1")
+        else:
+            bad.append(FieldViolation("controlnet.weight", "must be a finite number"))
+        mask = spec.controlnet.mask_key
+        check(not mask or _valid_key(mask), "controlnet.mask", "not a valid upload key")
     if bad:
         raise InvalidArgument(bad)
     controlnet = spec.controlnet and replace(
@@ -210,3 +356,8 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
         guidance_scale=guidance,
         seed=seed,
     )
+
+
+def _valid_key(key: str) -> bool:
+    # fullmatch: the pattern's `$` would also match before a trailing newline.
+    return bool(KEY_PATTERN.fullmatch(key)) and ".." not in key

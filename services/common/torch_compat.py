@@ -90,3 +90,11 @@ def _load_torchvision_extension() -> bool:
     except OSError:
         return False
     return _torchvision_ops_exist()
+
+
+def set_torch_threads(threads: int) -> int:
+    """Caps torch's threads in this process (0: half the cores, at least 1): several model
+    processes on one host would otherwise each take every core and fight over them."""
+    count = threads or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(count)
+    return count

@@ -9,13 +9,14 @@ from imagegen.v1 import evaluator_service_pb2, evaluator_service_pb2_grpc
 from services.common.objectstore import open_store
 from services.common.server import Service, Servicer, start_server
 from services.common.settings import EvaluatorSettings
-from services.common.torch_compat import prepare_torch
+from services.common.torch_compat import prepare_torch, set_torch_threads
 
 SERVICE_NAME = evaluator_service_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_name
 
 
 async def start(settings: EvaluatorSettings) -> Service:
     prepare_torch()
+    set_torch_threads(settings.torch_threads)
     from services.evaluator.grpc_api import EvaluatorServicer
     from services.evaluator.scoring import Scorer
 

@@ -14,10 +14,17 @@ from imagegen.v1 import (
     types_pb2,
 )
 
-from services.common.convert import STATUS_FROM_PB, spec_from_pb, with_pb_fields
+from services.common.convert import (
+    STATUS_FROM_PB,
+    signed_job,
+    spec_from_pb,
+    with_pb_fields,
+    with_urls,
+)
 from services.common.errors import InvalidArgument
 from services.gateway.cost import Cost
 from services.gateway.jobs import JobService
+from services.jobs.records import JobRecord
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -36,6 +43,9 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     def __init__(self, jobs: JobService) -> None:
         self._jobs = jobs
 
+    def _signed(self, job: JobRecord | types_pb2.Job) -> types_pb2.Job:
+        return signed_job(job, self._jobs.objects.download_url)
+
     async def CreateJob(
         self, request: image_service_pb2.CreateJobRequest, context: Context
     ) -> image_service_pb2.CreateJobResponse:
@@ -49,26 +59,27 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         except InvalidArgument as error:
             raise with_pb_fields(error) from None
         return image_service_pb2.CreateJobResponse(
-            job=self._jobs.job_pb(admission.job), estimate=cost_pb(admission.estimate)
+            job=self._signed(admission.job), estimate=cost_pb(admission.estimate)
         )
 
     async def GetJob(
         self, request: image_service_pb2.GetJobRequest, context: Context
     ) -> image_service_pb2.GetJobResponse:
         job = await self._jobs.get(request.job_id)
-        return image_service_pb2.GetJobResponse(job=self._jobs.job_pb(job))
+        return image_service_pb2.GetJobResponse(job=self._signed(job))
 
     async def WatchJob(
         self, request: image_service_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[image_service_pb2.WatchJobResponse]:
         async for event in self._jobs.watch(request.job_id, request.after_event_id):
+            with_urls(event, self._jobs.objects.download_url)
             yield image_service_pb2.WatchJobResponse(event=event)
 
     async def CancelJob(
         self, request: image_service_pb2.CancelJobRequest, context: Context
     ) -> image_service_pb2.CancelJobResponse:
         job = await self._jobs.cancel(request.job_id)
-        return image_service_pb2.CancelJobResponse(job=self._jobs.job_pb(job))
+        return image_service_pb2.CancelJobResponse(job=self._signed(job))
 
     async def ListJobs(
         self, request: image_service_pb2.ListJobsRequest, context: Context
@@ -76,7 +87,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         status = STATUS_FROM_PB.get(request.status, "")
         jobs, token = await self._jobs.list(request.page_size, request.page_token, status)
         return image_service_pb2.ListJobsResponse(
-            jobs=[self._jobs.job_pb(j) for j in jobs], next_page_token=token
+            jobs=[self._signed(j) for j in jobs], next_page_token=token
         )
 
 

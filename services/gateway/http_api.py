@@ -7,83 +7,86 @@ services.common.errors. It holds no logic of its own.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
 from imagegen.v1 import events_pb2, types_pb2
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from services.common.convert import STATUS_FROM_PB, artifact_to_pb, message_to_json
-from services.common.errors import (
-    Forbidden,
-    InvalidArgument,
-    NotFound,
-    ServiceError,
-    to_http_body,
+from services.common.convert import (
+    STATUS_FROM_PB,
+    artifact_to_pb,
+    message_to_json,
+    signed_job,
+    with_urls,
 )
+from services.common.errors import Forbidden, InvalidArgument, NotFound
 from services.common.objectstore import LocalStore
 from services.common.spec import ControlNet, GuidanceImage, Spec
 from services.gateway.cost import Cost
+from services.gateway.http_input import (
+    MAX_JSON_BYTES,
+    JsonObject,
+    RequestContext,
+    ascii_digits,
+    http_exception,
+    json_flag,
+    parse_json_object,
+    query_count,
+    query_text,
+    read_body,
+    resume_after,
+)
 from services.gateway.jobs import JobService
 from services.gateway.openapi import OPENAPI
-from services.gateway.uploads import check_upload, presign
+from services.gateway.uploads import MAX_UPLOAD_BYTES, check_upload, presign
+from services.jobs.records import JobRecord
 
 STATIC = Path(__file__).parent / "static"
-Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise InvalidArgument.one(name, "has the wrong type")
-    if not isinstance(value, kind):
-        raise InvalidArgument.one(name, "has the wrong type")
-    return value
-
-
-def spec_from_json(body: Any) -> Spec:
-    """The replaced system's request fields (and the new ones) as a domain Spec."""
-    if not isinstance(body, dict):
-        raise InvalidArgument.one("", "the body must be a JSON object")
+def spec_from_json(body: dict[str, Any]) -> Spec:
+    """The replaced system's request fields (and the new ones) as a domain Spec; every field of
+    the wrong type is named by its path (`controlnet.weight`, `guidance_images[1].role`)."""
+    fields = JsonObject(body)
     images = []
-    for i, item in enumerate(_field(body, "guidance_images", list, [])):
-        if not isinstance(item, dict) or not isinstance(item.get("key", ""), str):
-            raise InvalidArgument.one(f"guidance_images[{i}]", "must be {key, role}")
-        if "key" not in item and "url" in item:
-            raise InvalidArgument.one(
-                f"guidance_images[{i}].url", "give the key returned by /api/uploads/presign"
-            )
-        images.append(GuidanceImage(key=item.get("key", ""), role=str(item.get("role", ""))))
+    for item in fields.objects("guidance_images"):
+        if "key" not in item.value and "url" in item.value:
+            item.violation("url", "give the key returned by /api/uploads/presign")
+        images.append(GuidanceImage(key=item.get("key", str, ""), role=item.get("role", str, "")))
     controlnet = None
-    if (raw := _field(body, "controlnet", dict, None)) is not None:
+    if (raw := fields.object("controlnet")) is not None:
         controlnet = ControlNet(
-            name=str(raw.get("name", "")),
-            weight=float(_field(raw, "weight", (int, float), 1.0)),
-            mask_key=str(raw.get("mask") or ""),
+            name=raw.get("name", str, ""),
+            weight=float(raw.get("weight", (int, float), 1.0)),
+            mask_key=raw.get("mask", str, ""),
         )
-    guidance = _field(body, "guidance_scale", (int, float), None)
-    return Spec(
-        prompt=_field(body, "prompt", str, ""),
-        fibo_json=_field(body, "fibo_json", dict, None),
-        negative_prompt=_field(body, "negative_prompt", str, ""),
-        model=_field(body, "model", str, ""),
-        seed=_field(body, "seed", int, None),
-        width=_field(body, "width", int, 0),
-        height=_field(body, "height", int, 0),
-        num_variants=_field(body, "num_variants", int, 0),
-        steps=_field(body, "steps", int, 0),
+    guidance = fields.get("guidance_scale", (int, float), None)
+    spec = Spec(
+        prompt=fields.get("prompt", str, ""),
+        fibo_json=fields.get("fibo_json", dict, None),
+        negative_prompt=fields.get("negative_prompt", str, ""),
+        model=fields.get("model", str, ""),
+        seed=fields.get("seed", int, None),
+        width=fields.get("width", int, 0),
+        height=fields.get("height", int, 0),
+        num_variants=fields.get("num_variants", int, 0),
+        steps=fields.get("steps", int, 0),
         guidance_scale=float(guidance) if guidance is not None else None,
         guidance_images=tuple(images),
         controlnet=controlnet,
     )
+    fields.raise_if_bad()
+    return spec
 
 
 def artifact_json(a: types_pb2.Artifact) -> dict[str, Any]:
@@ -181,33 +184,25 @@ def event_json(event: events_pb2.JobEvent) -> tuple[str, dict[str, Any]]:
     return kind, message_to_json(getattr(event, kind))
 
 
-async def _json_body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidArgument.one("", "the body is not valid JSON") from None
-
-
-def _errors(handler: Handler) -> Handler:
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except ServiceError as error:
-            return JSONResponse(to_http_body(error), status_code=error.http_status)
-
-    return wrapped
+async def _json_body(request: Request) -> dict[str, Any]:
+    data = await read_body(request, MAX_JSON_BYTES)
+    # Parsing and checking a large body takes a while: not on the event loop.
+    return await asyncio.to_thread(parse_json_object, data)
 
 
 def build_app(jobs: JobService) -> Starlette:
+    def signed(job: JobRecord | types_pb2.Job) -> types_pb2.Job:
+        return signed_job(job, jobs.objects.download_url)
+
     async def generate(request: Request) -> Response:
         body = await _json_body(request)
         admission = await jobs.create(
             spec_from_json(body),
             idempotency_key=request.headers.get("idempotency-key", ""),
-            seed_agnostic_cache=bool(body.get("seed_agnostic_cache", False)),
-            skip_cache=bool(body.get("skip_cache", False)),
+            seed_agnostic_cache=json_flag(body, "seed_agnostic_cache"),
+            skip_cache=json_flag(body, "skip_cache"),
         )
-        job = jobs.job_pb(admission.job)
+        job = signed(admission.job)
         return JSONResponse(
             {
                 **job_json(job),
@@ -219,11 +214,11 @@ def build_app(jobs: JobService) -> Starlette:
 
     async def status(request: Request) -> Response:
         job = await jobs.get(request.path_params["run_id"])
-        return JSONResponse(job_json(jobs.job_pb(job)))
+        return JSONResponse(job_json(signed(job)))
 
     async def stream(request: Request) -> Response:
         run_id = request.path_params["run_id"]
-        after = request.headers.get("last-event-id") or request.query_params.get("after", "")
+        after = resume_after(request)
         events = jobs.watch(run_id, after)
         # Errors (unknown job, bad id) become a JSON status here, before the stream starts.
         first = await anext(events, None)
@@ -233,7 +228,7 @@ def build_app(jobs: JobService) -> Starlette:
         async def sse() -> AsyncIterator[bytes]:
             event: events_pb2.JobEvent | None = first
             while event is not None:
-                name, data = event_json(event)
+                name, data = event_json(with_urls(event, jobs.objects.download_url))
                 yield f"id: {event.id}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
                 event = await anext(events, None)
 
@@ -245,26 +240,22 @@ def build_app(jobs: JobService) -> Starlette:
 
     async def list_jobs(request: Request) -> Response:
         q = request.query_params
-        size = q.get("page_size", "0")
-        if not size.isdigit():
-            raise InvalidArgument.one("page_size", "must be a whole number")
-        found, token = await jobs.list(int(size), q.get("page_token", ""), q.get("status", ""))
+        size, page_token = query_count(q, "page_size"), query_text(q, "page_token")
+        found, token = await jobs.list(size, page_token, query_text(q, "status"))
         return JSONResponse(
-            {"jobs": [job_json(jobs.job_pb(j)) for j in found], "next_page_token": token}
+            {"jobs": [job_json(signed(j)) for j in found], "next_page_token": token}
         )
 
     async def cancel(request: Request) -> Response:
         job = await jobs.cancel(request.path_params["run_id"])
-        return JSONResponse(job_json(jobs.job_pb(job)))
+        return JSONResponse(job_json(signed(job)))
 
     async def estimate(request: Request) -> Response:
         return JSONResponse(cost_json(jobs.estimate(spec_from_json(await _json_body(request)))))
 
     async def cache_lookup(request: Request) -> Response:
         body = await _json_body(request)
-        entry = await jobs.lookup_cache(
-            spec_from_json(body), bool(body.get("seed_agnostic", False))
-        )
+        entry = await jobs.lookup_cache(spec_from_json(body), json_flag(body, "seed_agnostic"))
         if entry is None:
             return JSONResponse({"hit": False})
         return JSONResponse(
@@ -312,7 +303,10 @@ def build_app(jobs: JobService) -> Starlette:
         store, key, q = jobs.objects, request.path_params["key"], request.query_params
         if not isinstance(store, LocalStore):
             raise NotFound("files are served by the object store")
-        if not store.verify(method, key, q.get("expires", ""), q.get("signature", "")):
+        expires, signature = q.get("expires", ""), q.get("signature", "")
+        # verify's int() and compare_digest raise on non-ASCII digits and text: refuse them here.
+        well_formed = ascii_digits(expires, 20) and signature.isascii()
+        if not well_formed or not store.verify(method, key, expires, signature):
             raise Forbidden("the URL's signature is invalid or expired")
         return store, key
 
@@ -326,14 +320,16 @@ def build_app(jobs: JobService) -> Starlette:
         )
 
     async def presign_upload(request: Request) -> Response:
-        body = await _json_body(request)
-        if not isinstance(body, dict):
-            raise InvalidArgument.one("", "the body must be a JSON object")
+        fields = JsonObject(await _json_body(request))
+        content_type = fields.get("content_type", str, "")
+        sha256 = fields.get("sha256", str, "")
+        size_bytes = fields.get("size_bytes", int, 0)
+        fields.raise_if_bad()
         upload = presign(
             jobs.objects,
-            content_type=_field(body, "content_type", str, ""),
-            sha256=_field(body, "sha256", str, ""),
-            size_bytes=_field(body, "size_bytes", int, 0),
+            content_type=content_type,
+            sha256=sha256,
+            size_bytes=size_bytes,
             ttl_seconds=jobs.url_ttl_seconds,
         )
         return JSONResponse(
@@ -350,9 +346,10 @@ def build_app(jobs: JobService) -> Starlette:
         store, key = _signed_local(request, "PUT")
         if not key.startswith("uploads/"):
             raise InvalidArgument.one("key", "only uploads are written through this route")
-        data = await request.body()
-        check_upload(key, data)
-        await store.put(key, data, request.headers.get("content-type", ""))
+        data = await read_body(request, MAX_UPLOAD_BYTES)
+        content_type = request.headers.get("content-type", "")
+        await asyncio.to_thread(check_upload, key, data, content_type)
+        await store.put(key, data, content_type)
         return JSONResponse({"key": key}, status_code=201)
 
     async def openapi(request: Request) -> Response:
@@ -365,19 +362,29 @@ def build_app(jobs: JobService) -> Starlette:
         return Response((STATIC / "index.html").read_bytes(), media_type="text/html")
 
     routes = [
-        Route("/", _errors(index)),
-        Route("/api/generate/text-to-image", _errors(generate), methods=["POST"]),
-        Route("/api/status/stream/{run_id}", _errors(stream)),
-        Route("/api/status/{run_id}", _errors(status)),
-        Route("/api/jobs", _errors(list_jobs)),
-        Route("/api/jobs/{run_id}/cancel", _errors(cancel), methods=["POST"]),
-        Route("/api/cost/estimate", _errors(estimate), methods=["POST"]),
-        Route("/api/cache/lookup", _errors(cache_lookup), methods=["POST"]),
-        Route("/api/models", _errors(models)),
-        Route("/api/uploads/presign", _errors(presign_upload), methods=["POST"]),
-        Route("/files/{key:path}", _errors(files), methods=["GET"]),
-        Route("/files/{key:path}", _errors(put_file), methods=["PUT"]),
+        Route("/", index),
+        Route("/api/generate/text-to-image", generate, methods=["POST"]),
+        Route("/api/status/stream/{run_id}", stream),
+        Route("/api/status/{run_id}", status),
+        Route("/api/jobs", list_jobs),
+        Route("/api/jobs/{run_id}/cancel", cancel, methods=["POST"]),
+        Route("/api/cost/estimate", estimate, methods=["POST"]),
+        Route("/api/cache/lookup", cache_lookup, methods=["POST"]),
+        Route("/api/models", models),
+        Route("/api/uploads/presign", presign_upload, methods=["POST"]),
+        Route("/files/{key:path}", files, methods=["GET"]),
+        Route("/files/{key:path}", put_file, methods=["PUT"]),
         Route("/openapi.json", openapi),
         Route("/healthz", healthz),
     ]
-    return Starlette(routes=routes)
+    # Errors of every kind, from every route and from the router itself (unknown route, wrong
+    # method), answer the one JSON error body with the request's id.
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestContext)],
+        exception_handlers={HTTPException: http_exception},
+    )
+    # A trailing slash is an unknown route (a JSON 404), not a redirect to another route:
+    # /api/status/stream/ would otherwise land on /api/status/{run_id} with run_id "stream".
+    app.router.redirect_slashes = False
+    return app

@@ -1,42 +1,41 @@
 """The public API's domain: admission, job reads, watching and cancelling.
 
-Both the gRPC `ImageService` and the HTTP facade call this; it knows nothing of either.
+Both the gRPC `ImageService` and the HTTP facade call this; it knows nothing of either, and
+signs no URLs (the edges do). Every change of a job goes through the JobLifecycle.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 from imagegen.v1 import events_pb2, types_pb2
 
 from services.cache.client import CacheClient
 from services.cache.entry import CacheEntry
-from services.common.convert import job_to_pb
-from services.common.errors import FieldViolation, InvalidArgument, Unavailable
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.events import EventLog, check_event_id
-from services.common.jobstore import (
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    QUEUED,
-    JobRecord,
-    JobStore,
-)
 from services.common.models import ModelSpec, Registry
 from services.common.objectstore import ObjectStore
-from services.common.queue import JobQueue
-from services.common.spec import ENGINE_VERSION, Spec, cache_keys, resolve
+from services.common.spec import ENGINE_VERSION, Spec, cache_keys, resolve, text_problem
 from services.gateway.cost import Cost, estimate
 from services.gateway.hub import EventHub
+from services.gateway.uploads import verify_stored_upload
+from services.jobs.lifecycle import Idempotency, JobLifecycle
+from services.jobs.records import JobRecord, JobStatus, encode_spec
+
+log = logging.getLogger("imagegen.gateway")
 
 WATCH_IDLE_SECONDS = 5.0
 MAX_PAGE_SIZE = 100
-STATUS_NAMES = ("queued", "running", "completed", "failed", "cancelled")
+MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -49,19 +48,17 @@ class Admission:
 class JobService:
     def __init__(
         self,
-        store: JobStore,
+        lifecycle: JobLifecycle,
         events: EventLog,
         hub: EventHub,
-        queue: JobQueue,
         cache: CacheClient,
         registry: Registry,
         objects: ObjectStore,
         url_ttl_seconds: int = 3600,
     ) -> None:
-        self._store = store
+        self._lifecycle = lifecycle
         self._events = events
         self._hub = hub
-        self._queue = queue
         self._cache = cache
         self._registry = registry
         self.objects = objects
@@ -78,9 +75,9 @@ class JobService:
         seed_agnostic_cache: bool = False,
         skip_cache: bool = False,
     ) -> Admission:
-        """Prices the request, answers from the cache when it can, else queues a job."""
-        if len(idempotency_key) > 200:
-            raise InvalidArgument.one("idempotency_key", "at most 200 characters")
+        """Prices the request, answers from the cache when it can, else admits a queued job.
+        Admitted means stored in Postgres: the job will run even if Redis is away right now."""
+        idempotency = _idempotency(spec, idempotency_key, seed_agnostic_cache, skip_cache)
         resolved = resolve(spec, self._registry)
         await self._check_uploads(resolved)
         model = self._registry.get(resolved.model)
@@ -88,61 +85,50 @@ class JobService:
         key, _ = cache_keys(resolved, model)
         job = JobRecord(
             id=str(uuid.uuid4()),
-            status=QUEUED,
+            status=JobStatus.QUEUED,
             spec=resolved,
             cache_key=key,
             cost_cents=cost.total_cents,
             engine_version=ENGINE_VERSION,
         )
-        hit = None if skip_cache else await self._cache.lookup(resolved, seed_agnostic_cache)
+        hit = None if skip_cache else await self._lookup(resolved, seed_agnostic_cache)
         if hit is not None:
             # The cached images were made with the hit's seed: record that one.
             job = replace(
                 job,
-                status=COMPLETED,
+                status=JobStatus.COMPLETED,
                 stage="cached",
                 progress_percent=100.0,
                 cost_cents=0,
                 cache_hit=True,
                 spec=replace(resolved, seed=hit.seed),
                 cache_key=hit.key,
+                artifacts=[replace(a, id=str(uuid.uuid4()), job_id=job.id) for a in hit.artifacts],
             )
-            artifacts = [replace(a, id=str(uuid.uuid4()), job_id=job.id) for a in hit.artifacts]
-            stored, created = await self._store.create(job, idempotency_key, artifacts)
-            if created:
-                await self._events.append_final(stored)
-            return Admission(stored, cost, created)
-        stored, created = await self._store.create(job, idempotency_key)
-        if created:
-            await self._events.append(
-                stored.id,
-                events_pb2.JobEvent(
-                    status=events_pb2.StatusEvent(status=types_pb2.JOB_STATUS_QUEUED)
-                ),
-            )
-            try:
-                await self._queue.enqueue(stored.id)
-            except Exception as error:
-                if await self._store.finish(stored.id, FAILED, "could not be queued"):
-                    await self._events.append_final(await self._store.get(stored.id))
-                raise Unavailable("the job queue is unavailable") from error
-            # Were this lost (a crash right here), the generators' sweep would queue it again;
-            # a second queue entry for a job is harmless.
-            await self._store.mark_enqueued(stored.id)
-        return Admission(stored, cost, created)
+        admitted = await self._lifecycle.admit(job, idempotency)
+        return Admission(admitted.job, cost, admitted.created)
+
+    async def _lookup(self, spec: Spec, seed_agnostic: bool) -> CacheEntry | None:
+        """A cache that cannot answer is a miss: the job is rendered instead."""
+        try:
+            return await self._cache.lookup(spec, seed_agnostic)
+        except Unavailable as error:
+            log.warning("cache lookup failed (%s); treating it as a miss", error.message)
+            return None
 
     async def _check_uploads(self, spec: Spec) -> None:
-        """Every guidance image and ControlNet mask must have been uploaded."""
+        """Every guidance image and ControlNet mask must be a verified upload."""
         keys = [(f"guidance_images[{i}].key", g.key) for i, g in enumerate(spec.guidance_images)]
         if spec.controlnet is not None and spec.controlnet.mask_key:
             keys.append(("controlnet.mask", spec.controlnet.mask_key))
-        missing = [
-            FieldViolation(field, "no such upload")
-            for field, key in keys
-            if not await self.objects.exists(key)
-        ]
-        if missing:
-            raise InvalidArgument(missing)
+        bad = []
+        for field, key in keys:
+            try:
+                await verify_stored_upload(self.objects, key, field)
+            except InvalidArgument as error:
+                bad += error.violations
+        if bad:
+            raise InvalidArgument(bad)
 
     async def lookup_cache(self, spec: Spec, seed_agnostic: bool) -> CacheEntry | None:
         return await self._cache.lookup(resolve(spec, self._registry), seed_agnostic)
@@ -151,71 +137,76 @@ class JobService:
         """The served models and the default model's id."""
         return list(self._registry.models.values()), self._registry.default
 
-    async def get(self, job_id: str) -> JobRecord:
-        return await self._store.get(job_id)
+    async def get(self, job_id: str) -> types_pb2.Job:
+        """The job's snapshot: what a status read returns, without URLs."""
+        return await self._lifecycle.snapshot(job_id)
 
     async def list(
         self, page_size: int, page_token: str, status: str
-    ) -> tuple[list[JobRecord], str]:
+    ) -> tuple[list[types_pb2.Job], str]:
         if not 0 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument.one("page_size", f"must be 0..{MAX_PAGE_SIZE}")
-        if status and status not in STATUS_NAMES:
-            raise InvalidArgument.one("status", f"one of {STATUS_NAMES}")
+        if status and status not in JobStatus.__members__.values():
+            raise InvalidArgument.one("status", f"one of {[s.value for s in JobStatus]}")
         size = page_size or 20
-        jobs = await self._store.page(size, _decode_token(page_token), status or None)
+        before = _decode_token(page_token)
+        jobs = await self._lifecycle.page(size, before, JobStatus(status) if status else None)
         token = ""
-        if len(jobs) == size and (created := jobs[-1].created_at) is not None:
-            raw = f"{created.isoformat()}|{jobs[-1].id}".encode()
-            token = base64.urlsafe_b64encode(raw).decode()
+        if len(jobs) == size:
+            created = jobs[-1].create_time.ToDatetime(tzinfo=UTC).isoformat()
+            token = base64.urlsafe_b64encode(f"{created}|{jobs[-1].id}".encode()).decode()
         return jobs, token
 
     async def cancel(self, job_id: str) -> JobRecord:
-        """A queued job ends at once; a running one at the generator's next step."""
-        job = await self._store.get(job_id)
-        if job.finished:
-            return job
-        await self._queue.request_cancel(job_id)
-        if job.status == QUEUED and await self._store.finish(job_id, CANCELLED, stage="cancelled"):
-            job = await self._store.get(job_id)
-            await self._events.append_final(job)
-        return await self._store.get(job_id)
+        """A queued or running job ends cancelled at once; its worker stops at its next step."""
+        return await self._lifecycle.cancel(job_id)
 
     async def watch(self, job_id: str, after_event_id: str) -> AsyncIterator[events_pb2.JobEvent]:
-        """Events after `after_event_id`, then live ones, ending with the final event."""
+        """Events after `after_event_id`, then live ones, ending with the final event. When the
+        event stream was lost (Redis restarted empty), the record supplies the final event."""
         after = check_event_id(after_event_id, "after_event_id")
-        job = await self._store.get(job_id)  # NotFound before the stream starts
-        if job.finished and after != "0-0" and not await self._events.read(job_id, after):
+        job = await self._lifecycle.snapshot(job_id)  # NotFound before the stream starts
+        if _finished(job) and after != "0-0" and not await self._events.read(job_id, after):
             return  # resumed after the final event: nothing more will come
         async for event in self._hub.follow(job_id, after, WATCH_IDLE_SECONDS):
             if event is not None:
                 after = event.id
-                yield self.with_urls(event)
+                yield event
                 if event.HasField("final"):
                     return
                 continue
-            job = await self._store.get(job_id)
-            if job.finished and not await self._events.read(job_id, after):
-                # The stream expired (or was never written): end with the record itself.
+            job = await self._lifecycle.snapshot(job_id)
+            if _finished(job) and not await self._events.read(job_id, after):
                 final = events_pb2.JobEvent(id=after, job_id=job_id)
-                final.final.job.CopyFrom(self.job_pb(job))
+                final.final.job.CopyFrom(job)
                 yield final
                 return
 
-    def job_pb(self, job: JobRecord) -> types_pb2.Job:
-        return job_to_pb(job, self.objects.download_url)
 
-    def with_urls(self, event: events_pb2.JobEvent) -> events_pb2.JobEvent:
-        """Fills in fresh download URLs: events carry keys, URLs expire."""
-        artifacts = []
-        if event.HasField("artifact"):
-            artifacts = [event.artifact.artifact]
-        elif event.HasField("evaluation"):
-            artifacts = list(event.evaluation.artifacts)
-        elif event.HasField("final"):
-            artifacts = list(event.final.job.artifacts)
-        for artifact in artifacts:
-            artifact.url = self.objects.download_url(artifact.key)
-        return event
+def _finished(job: types_pb2.Job) -> bool:
+    return job.status in (
+        types_pb2.JOB_STATUS_COMPLETED,
+        types_pb2.JOB_STATUS_FAILED,
+        types_pb2.JOB_STATUS_CANCELLED,
+    )
+
+
+def _idempotency(
+    spec: Spec, key: str, seed_agnostic_cache: bool, skip_cache: bool
+) -> Idempotency | None:
+    """The key with a digest of the request as the client sent it (before defaults and a
+    random seed are filled in), so that a retry matches and another request does not."""
+    if not key:
+        return None
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidArgument.one(
+            "idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY_CHARS} characters"
+        )
+    if (problem := text_problem(key)) is not None:
+        raise InvalidArgument.one("idempotency_key", problem)
+    request = {"spec": encode_spec(spec), "seed_agnostic": seed_agnostic_cache, "skip": skip_cache}
+    digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    return Idempotency(key, digest)
 
 
 def _decode_token(token: str) -> tuple[datetime, str] | None:
@@ -223,6 +214,8 @@ def _decode_token(token: str) -> tuple[datetime, str] | None:
         return None
     try:
         created, job_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
+        if str(uuid.UUID(job_id)) != job_id:
+            raise ValueError(job_id)
         return datetime.fromisoformat(created), job_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
         raise InvalidArgument.one("page_token", "not a token from this service") from None

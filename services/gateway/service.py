@@ -20,17 +20,18 @@ from services.cache.client import CacheClient
 from services.common import db
 from services.common.clients import open_channel
 from services.common.events import EventLog
-from services.common.jobstore import JobStore
+from services.common.health import monitor, postgres_check
 from services.common.models import load_registry
 from services.common.objectstore import open_store
 from services.common.queue import JobQueue
 from services.common.redis import connect_redis
-from services.common.server import Service, Servicer, start_server
+from services.common.server import PortInUse, Service, Servicer, start_server
 from services.common.settings import GatewaySettings
 from services.gateway.grpc_api import CostServicer, ImageServicer
 from services.gateway.http_api import build_app
 from services.gateway.hub import EventHub
 from services.gateway.jobs import JobService
+from services.jobs.lifecycle import JobLifecycle
 
 IMAGE_SERVICE = image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 COST_SERVICE = cost_service_pb2.DESCRIPTOR.services_by_name["CostService"].full_name
@@ -47,18 +48,22 @@ async def start(settings: GatewaySettings) -> Service:
     redis = connect_redis(settings.redis_url)
     registry = load_registry(settings.model_registry, settings.model_dir)
     objects = open_store(settings)
-    queue = JobQueue(redis)
-    await queue.ensure_group()
     cache_channel = open_channel(
         settings.cache_addr, settings.rpc_timeout_seconds, settings.max_message_bytes
     )
     events = EventLog(redis, settings.event_ttl_seconds)
     hub = EventHub(redis, events)
+    lifecycle = JobLifecycle(
+        pool,
+        redis,
+        events,
+        JobQueue(redis),
+        idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+    )
     jobs = JobService(
-        JobStore(pool),
+        lifecycle,
         events,
         hub,
-        queue,
         CacheClient(cache_channel),
         registry,
         objects,
@@ -80,9 +85,21 @@ async def start(settings: GatewaySettings) -> Service:
         settings.max_message_bytes,
     )
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Admission needs Postgres (the record); Redis only carries hints, so it is not a check.
+    health = asyncio.create_task(monitor(running, {"postgres": postgres_check(pool)}))
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted connections only for
+    # sockets that say so, and without it every response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.http_host, settings.http_port))
+    try:
+        sock.bind((settings.http_host, settings.http_port))
+    except OSError as error:
+        sock.close()
+        health.cancel()
+        await running.stop(0)
+        raise PortInUse(
+            f"cannot listen on {settings.http_host}:{settings.http_port} for HTTP: {error}"
+        ) from None
     http = _HttpServer(
         uvicorn.Config(
             build_app(jobs),
@@ -101,6 +118,7 @@ async def start(settings: GatewaySettings) -> Service:
     async def stop_http() -> None:
         http.should_exit = True
         await http_task
+        health.cancel()
 
     return Service(
         running,

@@ -1,19 +1,35 @@
 """Presigned uploads of guidance images: the client names the content's SHA-256, gets a
-content-addressed key and an expiring URL, and PUTs the bytes straight to the object store."""
+content-addressed key and an expiring URL, and PUTs the bytes straight to the object store.
+
+Nothing is trusted until it is checked: an upload must be the bytes its key names (SHA-256), an
+image of the kind its key names (magic bytes, then a full decode by Pillow), and at most
+`MAX_UPLOAD_PIXELS` pixels. The gateway's own PUT route checks before it stores; S3 presigned
+PUTs bypass the gateway, so admission checks the stored object with `verify_stored_upload`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from services.common.errors import FieldViolation, InvalidArgument
+from PIL import Image
+
+from services.common.errors import FieldViolation, InvalidArgument, NotFound
 from services.common.objectstore import ObjectStore
 
 CONTENT_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_SIDE = 4096
+MAX_UPLOAD_PIXELS = MAX_UPLOAD_SIDE * MAX_UPLOAD_SIDE
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_UPLOAD_KEY = re.compile(r"uploads/([0-9a-f]{2})/([0-9a-f]{64})\.(png|jpg|webp)")
+_PILLOW_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+_VERIFIED_KEYS = 4096
 
 
 @dataclass(frozen=True)
@@ -44,10 +60,87 @@ def presign(
     return Upload(key, objects.upload_url(key), content_type, int(time.time()) + ttl_seconds)
 
 
-def check_upload(key: str, data: bytes) -> None:
-    """An upload must be what its content-addressed key says it is."""
+def _parse_key(key: str, field: str) -> tuple[str, str]:
+    """(SHA-256, extension) of an upload key, as `upload_key` writes it."""
+    match = _UPLOAD_KEY.fullmatch(key)
+    if match is None or match[1] != match[2][:2]:
+        raise InvalidArgument.one(field, "not an upload key from /api/uploads/presign")
+    return match[2], match[3]
+
+
+def _sniff(data: bytes) -> str | None:
+    """The image kind the magic bytes announce (an extension), or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _check_image(data: bytes, extension: str, field: str) -> None:
+    """Raises InvalidArgument naming `field` unless `data` is a whole, decodable image of the
+    kind `extension` names, within the pixel limit. CPU-bound: run it in a thread."""
+    kind = _sniff(data)
+    if kind is None:
+        raise InvalidArgument.one(field, "not a PNG, JPEG or WebP image")
+    if kind != extension:
+        raise InvalidArgument.one(field, f"a {kind} image, but its key says {extension}")
+    try:
+        with Image.open(io.BytesIO(data), formats=[_PILLOW_FORMAT[kind]]) as image:
+            width, height = image.size
+            if width * height > MAX_UPLOAD_PIXELS or max(width, height) > MAX_UPLOAD_SIDE:
+                raise InvalidArgument.one(
+                    field, f"{width}x{height} is over {MAX_UPLOAD_SIDE}x{MAX_UPLOAD_SIDE} pixels"
+                )
+            image.load()  # decodes every pixel: a truncated or corrupt image fails here
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own, larger limit (a warning, or an error past twice it): refused just the same.
+        raise InvalidArgument.one(
+            field, f"over {MAX_UPLOAD_SIDE}x{MAX_UPLOAD_SIDE} pixels"
+        ) from None
+    except InvalidArgument:
+        raise
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds of error on corrupt input
+        raise InvalidArgument.one(field, f"not a decodable {kind} image") from None
+
+
+def check_upload(key: str, data: bytes, content_type: str = "") -> None:
+    """An upload must be what its content-addressed key says it is: those bytes, that kind of
+    image. `content_type`, when the client declared one, must name the same kind."""
+    digest, extension = _parse_key(key, "key")
+    declared = content_type.split(";", 1)[0].strip().lower()
+    if declared and CONTENT_TYPES.get(declared) != extension:
+        raise InvalidArgument.one("Content-Type", f"the key is a .{extension} upload")
     if len(data) > MAX_UPLOAD_BYTES:
         raise InvalidArgument.one("body", f"at most {MAX_UPLOAD_BYTES} bytes")
-    digest = key.rsplit("/", 1)[-1].split(".", 1)[0]
     if hashlib.sha256(data).hexdigest() != digest:
         raise InvalidArgument.one("body", "the content does not match the key's SHA-256")
+    _check_image(data, extension, "body")
+
+
+# Keys already verified in this process. Keys are content-addressed (the content must hash to
+# the key), so a key verified once stays verified.
+_verified: OrderedDict[str, None] = OrderedDict()
+
+
+async def verify_stored_upload(objects: ObjectStore, key: str, field: str) -> None:
+    """Raises InvalidArgument naming `field` unless the object stored at `key` is a valid
+    upload: there, its bytes matching the key's SHA-256, an allowed image within the limits."""
+    if key in _verified:
+        _verified.move_to_end(key)
+        return
+    digest, extension = _parse_key(key, field)
+    try:
+        data = await objects.get(key)
+    except NotFound:
+        raise InvalidArgument.one(field, "no such upload") from None
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InvalidArgument.one(field, f"the upload is over {MAX_UPLOAD_BYTES} bytes")
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise InvalidArgument.one(field, "the upload does not match the key's SHA-256")
+    await asyncio.to_thread(_check_image, data, extension, field)
+    _verified[key] = None
+    if len(_verified) > _VERIFIED_KEYS:
+        _verified.popitem(last=False)

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +22,11 @@ from typing import Any
 
 from imagegen.v1 import events_pb2
 
-from services.common.jobstore import ArtifactRecord
 from services.common.models import ModelSpec, Registry
 from services.common.objectstore import ObjectStore, content_key
 from services.common.spec import Spec
 from services.generator.pipeline import PipelineRunner, RenderRequest, encode_png
+from services.jobs.records import ArtifactRecord
 
 log = logging.getLogger("imagegen.engine")
 
@@ -77,16 +77,21 @@ class Engine:
         log.info("loaded %s in %.2fs", model.id, time.perf_counter() - started)
         return runner
 
-    async def render(self, spec: Spec, cancel: threading.Event) -> AsyncIterator[Step | Rendered]:
-        """Renders a resolved spec: a Step after every denoising step, a Rendered per variant.
-        Setting `cancel` (or closing the iterator) stops at the next step with StepCancelled."""
+    async def render(
+        self, spec: Spec, cancel: threading.Event, variants: Sequence[int] | None = None
+    ) -> AsyncIterator[Step | Rendered]:
+        """Renders a resolved spec (only `variants`, when given: a resumed job renders what it
+        lacks): a Step after every denoising step, a Rendered per variant. Setting `cancel`
+        (or closing the iterator) stops at the next step with StepCancelled."""
         assert spec.seed is not None
         runner = await self.load(spec.model)
         loop = asyncio.get_running_loop()
+        todo = list(range(spec.num_variants) if variants is None else variants)
         total = spec.steps * spec.num_variants
+        skipped = spec.steps * (spec.num_variants - len(todo))
         started = time.perf_counter()
         try:
-            for index in range(spec.num_variants):
+            for position, index in enumerate(todo):
                 request = RenderRequest(
                     prompt=spec.text_prompt(),
                     negative_prompt=spec.negative_prompt,
@@ -105,14 +110,15 @@ class Engine:
                 while True:
                     kind, value = await updates.get()
                     if kind == "step":
-                        done = index * spec.steps + value
+                        ran = position * spec.steps + value
+                        done = skipped + ran
                         elapsed = time.perf_counter() - started
                         yield Step(
                             variant_index=index,
                             step=value,
                             total_steps=spec.steps,
                             percent=100.0 * done / total,
-                            eta_ms=int(1000 * elapsed / done * (total - done)) if done else 0,
+                            eta_ms=int(1000 * elapsed / ran * (total - done)) if ran else 0,
                         )
                     elif kind == "error":
                         raise value

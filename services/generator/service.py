@@ -1,11 +1,10 @@
 """Starts the generator: the engine (default model loaded before health says SERVING), the
-GeneratorService, and the queue workers."""
+GeneratorService, the supervised queue workers, the cancel listener and the reconciler. Health
+is NOT_SERVING while Postgres or Redis cannot be reached or no worker is alive."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
 import socket
 
@@ -15,24 +14,28 @@ from services.cache.client import CacheClient
 from services.common import db
 from services.common.clients import open_channel
 from services.common.events import EventLog
-from services.common.jobstore import JobStore
+from services.common.health import monitor, postgres_check, redis_check
 from services.common.models import load_registry
 from services.common.objectstore import open_store
 from services.common.queue import JobQueue
 from services.common.redis import connect_redis
 from services.common.server import Service, Servicer, start_server
 from services.common.settings import GeneratorSettings
-from services.common.torch_compat import prepare_torch
+from services.common.torch_compat import prepare_torch, set_torch_threads
+from services.jobs.cancels import CancelListener
+from services.jobs.lifecycle import JobLifecycle
+from services.jobs.reconciler import reconcile_forever
 
 SERVICE_NAME = generator_service_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
 
 async def start(settings: GeneratorSettings) -> Service:
     prepare_torch()
+    set_torch_threads(settings.torch_threads)
     from services.evaluator.client import EvaluatorClient
     from services.generator.engine import Engine
     from services.generator.grpc_api import GeneratorServicer
-    from services.generator.worker import QueueWorker
+    from services.generator.worker import QueueWorker, Supervisor
 
     pool = await db.connect(settings.database_url)
     redis = connect_redis(settings.redis_url)
@@ -55,35 +58,64 @@ async def start(settings: GeneratorSettings) -> Service:
     )
     await engine.load()
     servicer.ready = True
-    await running.set_serving(True)
 
     channels = [
         open_channel(addr, settings.rpc_timeout_seconds, settings.max_message_bytes)
         for addr in (settings.evaluator_addr, settings.cache_addr)
     ]
+    queue = JobQueue(redis, settings.claim_idle_ms)
+    lifecycle = JobLifecycle(
+        pool,
+        redis,
+        EventLog(redis, settings.event_ttl_seconds),
+        queue,
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.job_max_attempts,
+        idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+    )
+    cancels = CancelListener(redis)
     consumer = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
     stop = asyncio.Event()
-    workers = [
-        QueueWorker(
-            engine,
-            JobStore(pool),
-            EventLog(redis, settings.event_ttl_seconds),
-            JobQueue(redis, settings.claim_idle_ms),
-            objects,
-            EvaluatorClient(channels[0]),
-            CacheClient(channels[1]),
-            consumer=f"{consumer}-{i}",
-            max_attempts=settings.job_max_attempts,
+    supervisor = Supervisor(
+        [
+            QueueWorker(
+                engine,
+                lifecycle,
+                queue,
+                objects,
+                EvaluatorClient(channels[0]),
+                CacheClient(channels[1]),
+                cancels,
+                consumer=f"{consumer}-{i}",
+            )
+            for i in range(settings.workers)
+        ],
+        stop,
+    )
+    checks = {"postgres": postgres_check(pool), "redis": redis_check(redis)}
+    background = [asyncio.create_task(cancels.run())]
+    if settings.workers:
+        checks["workers"] = supervisor.any_alive
+        background.append(
+            asyncio.create_task(
+                reconcile_forever(
+                    lifecycle,
+                    queue,
+                    stop,
+                    settings.reconcile_interval_seconds,
+                    settings.requeue_after_seconds,
+                )
+            )
         )
-        for i in range(settings.workers)
-    ]
-    tasks = [asyncio.create_task(w.run(stop)) for w in workers]
-    if workers:
-        tasks.append(asyncio.create_task(_sweep(settings, JobStore(pool), JobQueue(redis), stop)))
+    tasks = supervisor.start()
+    background.append(asyncio.create_task(monitor(running, checks)))
 
     async def stop_workers() -> None:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
 
     async def close() -> None:
         for channel in channels:
@@ -93,17 +125,3 @@ async def start(settings: GeneratorSettings) -> Service:
         engine.close()
 
     return Service(running, [close, stop_workers])
-
-
-async def _sweep(
-    settings: GeneratorSettings, store: JobStore, queue: JobQueue, stop: asyncio.Event
-) -> None:
-    from services.generator.worker import sweep_unqueued
-
-    while not stop.is_set():
-        try:
-            await sweep_unqueued(store, queue, settings.sweep_after_seconds)
-        except Exception:  # a store away: the next round tries again
-            logging.getLogger("imagegen.sweep").exception("sweep failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), settings.sweep_interval_seconds)

@@ -1,150 +1,185 @@
-"""Queue workers: claim a job from the Redis Stream, render it, store and score the images,
-record the result in the cache, and end the job, appending events all the way.
+"""Queue workers: take a job from the queue, render what it lacks, store and score the images,
+record the result in the cache, and end the job. Every change of the job goes through the
+JobLifecycle, guarded by this worker's attempt.
 
-A failure puts the job back on the queue until `max_attempts`, then fails it and dead-letters
-the message. A worker that dies mid-job leaves its message pending; another worker reclaims it.
+Nothing a store does kills a worker: a blip is retried with backoff (services/jobs/retry.py); a
+job whose attempt cannot go on is left to its lease, which runs out and lets the reconciler queue
+it again. An attempt resumes where the last one stopped: variants already stored are not
+rendered again, and a job already scored is not scored again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
+from typing import TypeVar
 
-from imagegen.v1 import events_pb2, types_pb2
+from imagegen.v1 import events_pb2
 
 from services.cache.client import CacheClient
-from services.common.convert import artifact_to_pb
 from services.common.errors import InvalidArgument, NotFound
-from services.common.events import EventLog
-from services.common.jobstore import (
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    ArtifactRecord,
-    JobRecord,
-    JobStore,
-)
 from services.common.objectstore import ObjectStore
 from services.common.queue import Delivery, JobQueue
 from services.evaluator.client import EvaluatorClient
 from services.generator.engine import Engine, Step, progress_event, save_image
 from services.generator.pipeline import StepCancelled
+from services.jobs.cancels import CancelListener, CancelToken
+from services.jobs.lifecycle import JobLifecycle
+from services.jobs.records import ArtifactRecord, Attempt
+from services.jobs.retry import is_blip, through_blips
 
 log = logging.getLogger("imagegen.worker")
 
-CANCEL_POLL_SECONDS = 0.1
 PROGRESS_DB_INTERVAL_SECONDS = 0.5
+T = TypeVar("T")
+
+
+class AttemptLost(Exception):
+    """The attempt no longer holds its job: it was cancelled, or another worker took it."""
 
 
 class QueueWorker:
     def __init__(
         self,
         engine: Engine,
-        store: JobStore,
-        events: EventLog,
+        lifecycle: JobLifecycle,
         queue: JobQueue,
         objects: ObjectStore,
         evaluator: EvaluatorClient,
         cache: CacheClient,
+        cancels: CancelListener,
         consumer: str,
-        max_attempts: int,
     ) -> None:
         self._engine = engine
-        self._store = store
-        self._events = events
+        self._lifecycle = lifecycle
         self._queue = queue
         self._objects = objects
         self._evaluator = evaluator
         self._cache = cache
+        self._cancels = cancels
         self.consumer = consumer
-        self._max_attempts = max_attempts
+        self.busy_with = ""
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claims and processes jobs until `stop` is set (finishing the job in hand)."""
-        await self._queue.ensure_group()
+        """Takes and runs jobs until `stop` is set (finishing the job in hand). Nothing a job
+        or a store does ends this loop."""
+        delay = 0.1
         while not stop.is_set():
             try:
                 delivery = await self._queue.claim(self.consumer, block_ms=1000)
-            except Exception:  # Redis away: wait and try again
-                log.exception("claim failed")
-                await asyncio.sleep(1)
-                continue
-            if delivery is not None:
-                await self.process(delivery)
+                if delivery is not None:
+                    await self.process(delivery)
+                delay = 0.1
+            except Exception as error:
+                if is_blip(error):
+                    log.warning("%s: stores away (%s); trying again", self.consumer, error)
+                else:
+                    log.exception("%s: unexpected error; going on", self.consumer)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 2.0)
 
     async def process(self, delivery: Delivery) -> None:
         job_id = delivery.job_id
-        attempt = await self._store.start_attempt(job_id, delivery.reclaimed)
-        if attempt is None:  # ended (cancelled while queued), or a duplicate entry: nothing to do
-            await self._queue.ack(delivery)
-            return
-        if attempt > self._max_attempts:
-            await self._end(job_id, FAILED, f"gave up after {attempt - 1} attempts")
-            await self._queue.dead_letter(delivery, "too many attempts")
-            return
-        await self._append(
-            job_id,
-            status=events_pb2.StatusEvent(
-                status=types_pb2.JOB_STATUS_RUNNING, stage="generating", attempt=attempt
-            ),
+        attempt = await through_blips(
+            lambda: self._lifecycle.start_attempt(job_id), f"job {job_id}: start"
         )
-        cancel = threading.Event()
-        keeper = asyncio.create_task(self._keep_alive(delivery, cancel))
-        try:
-            job = await self._store.get(job_id)
-            await self._generate(job, cancel)
-        except StepCancelled:
-            await self._end(job_id, CANCELLED, stage="cancelled")
-        except Exception as error:  # any failure is retried, then fails the job
-            log.exception("job %s attempt %d failed", job_id, attempt)
-            await self._retry_or_fail(delivery, attempt, error)
-            return
-        finally:
-            keeper.cancel()
-        await self._queue.ack(delivery)
+        if attempt is not None:
+            self.busy_with = job_id
+            try:
+                await self._attempt(attempt)
+            finally:
+                self.busy_with = ""
+        # Done with the entry: the job ended, waits in the queue again under a new entry, or
+        # was not this entry's to run (a duplicate, or another worker holds it).
+        await through_blips(lambda: self._queue.ack(delivery), f"job {job_id}: ack")
 
-    async def _generate(self, job: JobRecord, cancel: threading.Event) -> None:
-        spec = job.spec
-        artifacts: list[ArtifactRecord] = []
-        last_db_write = 0.0
-        async for item in self._engine.render(spec, cancel):
-            if isinstance(item, Step):
-                await self._append(job.id, progress=progress_event(item))
-                if time.monotonic() - last_db_write > PROGRESS_DB_INTERVAL_SECONDS:
-                    last_db_write = time.monotonic()
-                    await self._store.set_stage(job.id, "generating", item.percent)
-            else:
-                started = time.perf_counter()
-                artifact = await self._store.add_artifact(
-                    await save_image(self._objects, item, job.id)
+    async def _attempt(self, attempt: Attempt) -> None:
+        with self._cancels.track(attempt.job_id) as token:
+            keeper = asyncio.create_task(self._keep_lease(attempt, token))
+            try:
+                await self._run(attempt, token)
+            except (StepCancelled, AttemptLost):
+                log.info("job %s attempt %d: stopped (cancelled or taken over)", *_ids(attempt))
+            except Exception as error:
+                if is_blip(error):
+                    # The stores stayed away past the retries: the lease runs out and the
+                    # reconciler queues the job again, to resume where this attempt stopped.
+                    log.error("job %s attempt %d: stores away; left to its lease", *_ids(attempt))
+                    return
+                log.exception("job %s attempt %d failed", *_ids(attempt))
+                permanent = isinstance(error, InvalidArgument | NotFound)
+                reason = f"{type(error).__name__}: {error}"
+                await self._write(
+                    attempt, lambda: self._lifecycle.retry_or_fail(attempt, reason, permanent)
                 )
-                artifacts.append(artifact)
-                await self._append(
-                    job.id,
-                    artifact=events_pb2.ArtifactEvent(
-                        artifact=artifact_to_pb(artifact),
-                        render_ms=item.render_ms,
-                        encode_ms=item.encode_ms,
-                        store_ms=(time.perf_counter() - started) * 1e3,
-                    ),
-                )
-        await self._store.set_stage(job.id, "evaluating", 100.0)
-        artifacts = await self._evaluate(job, artifacts)
+            finally:
+                token.set()  # stops a render still in flight
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
+
+    async def _run(self, attempt: Attempt, token: CancelToken) -> None:
+        job = attempt.job
+        stored = {a.variant_index: a for a in job.artifacts}
+        missing = [i for i in range(job.spec.num_variants) if i not in stored]
+        if missing:
+            await self._render(attempt, missing, token, stored)
+        artifacts = [stored[i] for i in range(job.spec.num_variants)]
+        if not all(a.scored for a in artifacts):
+            artifacts = await self._until_cancelled(self._evaluate(attempt, artifacts), token)
         try:
-            await self._cache.store(spec, job.id, artifacts)
+            await self._cache.store(job.spec, job.id, artifacts)
         except Exception:  # the images are safe; only their reuse is lost
             log.warning("job %s: cache store failed", job.id, exc_info=True)
-        await self._end(job.id, COMPLETED, stage="done")
+        await self._write(attempt, lambda: self._lifecycle.complete(attempt))
+
+    async def _render(
+        self,
+        attempt: Attempt,
+        variants: list[int],
+        token: CancelToken,
+        stored: dict[int, ArtifactRecord],
+    ) -> None:
+        last_persisted = 0.0
+        async for item in self._engine.render(attempt.job.spec, token.flag, variants):
+            if isinstance(item, Step):
+                persist = time.monotonic() - last_persisted > PROGRESS_DB_INTERVAL_SECONDS
+                if persist:
+                    last_persisted = time.monotonic()
+                try:
+                    await self._lifecycle.progress(attempt, progress_event(item), persist)
+                except Exception as error:  # progress is best effort
+                    if not is_blip(error):
+                        raise
+                continue
+            started = time.perf_counter()
+            artifact = await through_blips(
+                partial(save_image, self._objects, item, attempt.job_id),
+                f"job {attempt.job_id}: store image",
+            )
+            timings = events_pb2.ArtifactEvent(
+                render_ms=item.render_ms,
+                encode_ms=item.encode_ms,
+                store_ms=(time.perf_counter() - started) * 1e3,
+            )
+            await self._write(
+                attempt, partial(self._lifecycle.record_artifact, attempt, artifact, timings)
+            )
+            stored[artifact.variant_index] = artifact
 
     async def _evaluate(
-        self, job: JobRecord, artifacts: list[ArtifactRecord]
+        self, attempt: Attempt, artifacts: list[ArtifactRecord]
     ) -> list[ArtifactRecord]:
+        spec = attempt.job.spec
         started = time.perf_counter()
         result = await self._evaluator.evaluate(
-            [a.key for a in artifacts], job.spec.text_prompt(), job.spec.reference_key()
+            [a.key for a in artifacts], spec.text_prompt(), spec.reference_key()
         )
         evaluate_ms = (time.perf_counter() - started) * 1e3
         scored = [
@@ -158,65 +193,76 @@ class QueueWorker:
             )
             for i, (a, s) in enumerate(zip(artifacts, result.scores, strict=True))
         ]
-        await self._store.set_scores(job.id, scored, result.models)
-        ordered = sorted(scored, key=lambda a: (not a.is_primary, a.variant_index))
-        await self._append(
-            job.id,
-            evaluation=events_pb2.EvaluationEvent(
-                artifacts=[artifact_to_pb(a) for a in ordered],
-                models=result.models,
-                evaluate_ms=evaluate_ms,
-            ),
+        await self._write(
+            attempt,
+            lambda: self._lifecycle.record_scores(attempt, scored, result.models, evaluate_ms),
         )
         return scored
 
-    async def _retry_or_fail(self, delivery: Delivery, attempt: int, error: Exception) -> None:
-        """Puts the job back on the queue, unless retrying cannot help or it has had its
-        attempts: then it fails and its message goes to the dead letters."""
-        message = f"{type(error).__name__}: {error}"[:500]
-        permanent = isinstance(error, InvalidArgument | NotFound)
-        retrying = not permanent and attempt < self._max_attempts
-        await self._append(
-            delivery.job_id, error=events_pb2.ErrorEvent(message=message, retrying=retrying)
-        )
-        if retrying and await self._store.requeue(delivery.job_id, message):
-            await self._queue.enqueue(delivery.job_id)
-            await self._store.mark_enqueued(delivery.job_id)
-            await self._queue.ack(delivery)
-            await self._append(
-                delivery.job_id,
-                status=events_pb2.StatusEvent(status=types_pb2.JOB_STATUS_QUEUED, attempt=attempt),
-            )
-            return
-        await self._end(delivery.job_id, FAILED, message)
-        await self._queue.dead_letter(delivery, message)
+    async def _write(self, attempt: Attempt, transition: Callable[[], Awaitable[bool]]) -> None:
+        """A guarded transition through store blips; AttemptLost when the guard refused it."""
+        if not await through_blips(transition, f"job {attempt.job_id}"):
+            raise AttemptLost(attempt.job_id)
 
-    async def _end(self, job_id: str, status: str, error: str = "", stage: str = "") -> None:
-        if await self._store.finish(job_id, status, error, stage):
-            await self._events.append_final(await self._store.get(job_id))
+    @staticmethod
+    async def _until_cancelled(work: Awaitable[T], token: CancelToken) -> T:
+        """Awaits `work`, abandoning it (AttemptLost) as soon as the token is set."""
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(token.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise AttemptLost("cancelled")
+        return task.result()
 
-    async def _append(self, job_id: str, **payload: object) -> None:
-        await self._events.append(job_id, events_pb2.JobEvent(**payload))  # type: ignore[arg-type]
-
-    async def _keep_alive(self, delivery: Delivery, cancel: threading.Event) -> None:
-        """Watches for a cancel request and keeps the message from being reclaimed."""
-        touch_every = self._queue.claim_idle_ms / 3000
-        last_touch = time.monotonic()
-        while not cancel.is_set():
-            if await self._queue.cancel_requested(delivery.job_id):
-                cancel.set()
+    async def _keep_lease(self, attempt: Attempt, token: CancelToken) -> None:
+        """Renews the lease while the attempt runs; sets the token when the job is no longer
+        this attempt's (cancelled, or taken over after the lease ran out)."""
+        every = self._lifecycle.lease_seconds / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                held = await self._lifecycle.renew(attempt)
+            except Exception as error:  # noqa: BLE001 - the lease has time left: next turn
+                log.warning("job %s: lease not renewed (%s)", attempt.job_id, error)
+                continue
+            if not held:
+                token.set()
                 return
-            if time.monotonic() - last_touch > touch_every:
-                await self._queue.touch(self.consumer, delivery)
-                last_touch = time.monotonic()
-            await asyncio.sleep(CANCEL_POLL_SECONDS)
 
 
-async def sweep_unqueued(store: JobStore, queue: JobQueue, older_than_seconds: float) -> int:
-    """Queues the jobs whose creator died between their row and their queue entry."""
-    job_ids = await store.unqueued(older_than_seconds)
-    for job_id in job_ids:
-        log.warning("job %s was never queued; queueing it now", job_id)
-        await queue.enqueue(job_id)
-        await store.mark_enqueued(job_id)
-    return len(job_ids)
+def _ids(attempt: Attempt) -> tuple[str, int]:
+    return attempt.job_id, attempt.number
+
+
+class Supervisor:
+    """Keeps the workers running: one that still dies (a bug: `run` survives every store
+    error) is logged and started again. `any_alive` is a health check."""
+
+    def __init__(self, workers: list[QueueWorker], stop: asyncio.Event) -> None:
+        self._workers = workers
+        self._stop = stop
+        self._alive: set[str] = set()
+
+    def start(self) -> list[asyncio.Task[None]]:
+        return [asyncio.create_task(self._supervise(w)) for w in self._workers]
+
+    async def any_alive(self) -> bool:
+        return bool(self._alive)
+
+    async def _supervise(self, worker: QueueWorker) -> None:
+        while not self._stop.is_set():
+            self._alive.add(worker.consumer)
+            try:
+                await worker.run(self._stop)
+            except Exception:
+                log.exception("%s died; starting it again", worker.consumer)
+            finally:
+                self._alive.discard(worker.consumer)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)

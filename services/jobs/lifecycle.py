@@ -1,0 +1,613 @@
+"""Every change of a job's state, in one place, each with the event that announces it.
+
+Postgres is the record: each transition is one guarded SQL statement (`WHERE status = ...`, and
+for a worker's writes `AND attempts = <its attempt>`, a fencing token) in a transaction that also
+rewrites the job's snapshot, the answer every status read returns. The event goes to the job's
+Redis stream after the commit. Redis is a hint: a lost event or queue entry is repaired from
+Postgres (the reconciler re-queues, watchers fall back to the record), never the other way round.
+
+    admit ──▶ queued ──start_attempt──▶ running ──complete──▶ completed
+                ▲  │                      │ │ └──retry_or_fail──▶ failed
+                │  └──cancel──▶ cancelled ◀─┘ (cancel)
+                └──── retry_or_fail / expire_leases (the worker's lease ran out)
+
+A worker holds a running job through its `Attempt`: a lease it renews, and the attempt number
+that guards its writes, so a worker that lost its lease (or whose job was cancelled) can change
+nothing. A job is charged only when it completes, and completes at most once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from imagegen.v1 import events_pb2, types_pb2
+
+from services.common.convert import artifact_to_pb, job_to_pb
+from services.common.errors import Conflict, NotFound
+from services.common.events import EventLog
+from services.common.queue import JobQueue
+from services.jobs.records import (
+    ArtifactRecord,
+    Attempt,
+    JobRecord,
+    JobStatus,
+    decode_spec,
+    encode_spec,
+    parse_job_id,
+)
+from services.jobs.retry import StoreUnavailable, is_blip
+
+log = logging.getLogger("imagegen.jobs")
+
+CANCEL_CHANNEL = "imagegen:cancel"
+ACQUIRE_TIMEOUT_SECONDS = 5.0
+
+_JOB_COLUMNS = (
+    "id, status, stage, progress_percent, spec, cache_key, cost_cents, cache_hit, error,"
+    " retryable, attempts, engine_version, evaluator_models, created_at, updated_at"
+)
+_ARTIFACT_COLUMNS = (
+    "id, job_id, variant_index, key, sha256, width_px, height_px, seed, clip_score,"
+    " lpips_diversity, lpips_to_reference, nsfw, is_primary"
+)
+# A worker's write: only while the job is running its attempt.
+_HELD = "id = $1 AND status = 'running' AND attempts = $2"
+# Ends a held job `failed` ($3 the reason, $4 retryable), not charged.
+_FAIL = (
+    "UPDATE jobs SET status = 'failed', stage = 'failed', error = $3, retryable = $4,"
+    f" cost_cents = 0, lease_expires_at = NULL, updated_at = now() WHERE {_HELD}"
+    f" RETURNING {_JOB_COLUMNS}"
+)
+_RUNNING = types_pb2.JOB_STATUS_RUNNING
+_QUEUED = types_pb2.JOB_STATUS_QUEUED
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A client's idempotency key and a digest of the request it came with."""
+
+    key: str
+    request_sha256: str
+
+
+@dataclass(frozen=True)
+class Admitted:
+    job: JobRecord
+    created: bool
+
+
+class JobLifecycle:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        events: EventLog,
+        queue: JobQueue,
+        *,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        idempotency_ttl_seconds: int = 24 * 3600,
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._events = events
+        self._queue = queue
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.idempotency_ttl_seconds = idempotency_ttl_seconds
+
+    # Reads
+
+    async def get(self, job_id: str) -> JobRecord:
+        """The whole record, artifacts included."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1", parse_job_id(job_id)
+            )
+            if row is None:
+                raise NotFound("no such job")
+            return await self._with_artifacts(conn, row)
+
+    async def snapshot(self, job_id: str) -> types_pb2.Job:
+        """The job as clients see it (without URLs): one indexed read of a stored message."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT snapshot, progress_percent FROM jobs WHERE id = $1", parse_job_id(job_id)
+            )
+        if row is None:
+            raise NotFound("no such job")
+        return self._from_snapshot(row["snapshot"], row["progress_percent"]) or job_to_pb(
+            await self.get(job_id)
+        )
+
+    async def page(
+        self, limit: int, before: tuple[datetime, str] | None, status: JobStatus | None
+    ) -> list[types_pb2.Job]:
+        """Jobs newest first, strictly older than the `before` cursor."""
+        where = ["($1::text IS NULL OR status = $1)"]
+        args: list[Any] = [status.value if status else None]
+        if before is not None:
+            where.append("(created_at, id) < ($2, $3)")
+            args += [before[0], parse_job_id(before[1])]
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT id, snapshot, progress_percent FROM jobs WHERE {' AND '.join(where)}"
+                f" ORDER BY created_at DESC, id DESC LIMIT {int(limit)}",
+                *args,
+            )
+        jobs = []
+        for row in rows:
+            job = self._from_snapshot(row["snapshot"], row["progress_percent"])
+            jobs.append(job or job_to_pb(await self.get(str(row["id"]))))
+        return jobs
+
+    # Transitions
+
+    async def admit(self, job: JobRecord, idempotency: Idempotency | None = None) -> Admitted:
+        """Stores a new job: `queued` and put on the queue, or (a cache hit) already `completed`
+        with its artifacts. An idempotency key already used for the same request returns that
+        request's job; used for another request, it is refused (Conflict)."""
+        async with self._transaction() as conn:
+            if idempotency is not None:
+                first = await self._claim_key(conn, idempotency, job.id)
+                if first is not None:
+                    row = await conn.fetchrow(
+                        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1", first
+                    )
+                    if row is not None:
+                        return Admitted(await self._with_artifacts(conn, row), False)
+            row = await conn.fetchrow(
+                "INSERT INTO jobs (id, status, stage, progress_percent, spec, cache_key,"
+                " cost_cents, cache_hit, engine_version)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                f" RETURNING {_JOB_COLUMNS}",
+                parse_job_id(job.id),
+                job.status.value,
+                job.stage,
+                job.progress_percent,
+                encode_spec(job.spec),
+                job.cache_key,
+                job.cost_cents,
+                job.cache_hit,
+                job.engine_version,
+            )
+            for artifact in job.artifacts:
+                await _upsert_artifact(conn, artifact)
+            stored = await self._refresh(conn, row)
+        if stored.status is JobStatus.QUEUED:
+            await self._announce(stored.id, status=events_pb2.StatusEvent(status=_QUEUED))
+            await self._hint_queue(stored.id)
+        else:
+            await self._announce_final(stored)
+        return Admitted(stored, True)
+
+    async def start_attempt(self, job_id: str) -> Attempt | None:
+        """Takes a queued job (or one whose worker's lease ran out) for a new attempt; None when
+        there is nothing to run: it ended, another worker holds it, or it had its attempts (then
+        it fails here)."""
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "UPDATE jobs SET status = 'running', stage = 'starting', error = '',"
+                " attempts = attempts + 1, updated_at = now(),"
+                " lease_expires_at = now() + make_interval(secs => $2)"
+                " WHERE id = $1 AND (status = 'queued'"
+                " OR (status = 'running' AND lease_expires_at < now()))"
+                f" RETURNING {_JOB_COLUMNS}",
+                parse_job_id(job_id),
+                self.lease_seconds,
+            )
+            if row is None:
+                return None
+            if row["attempts"] > self.max_attempts:
+                reason = f"gave up after {row['attempts'] - 1} attempts"
+                row = await conn.fetchrow(_FAIL, row["id"], row["attempts"], reason, True)
+                ended = await self._refresh(conn, row)
+            else:
+                job = await self._refresh(conn, row)
+                ended = None
+        if ended is not None:
+            await self._announce_final(ended)
+            await self._dead_letter(job_id, ended.error)
+            return None
+        await self._announce(
+            job.id,
+            status=events_pb2.StatusEvent(
+                status=_RUNNING, stage="generating", attempt=job.attempts
+            ),
+        )
+        return Attempt(job.id, job.attempts, job)
+
+    async def renew(self, attempt: Attempt) -> bool:
+        """Extends the attempt's lease; False when the attempt no longer holds the job (it was
+        cancelled, or its lease ran out and another worker took it)."""
+        async with self._connection() as conn:
+            held = await conn.fetchval(
+                "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)"
+                f" WHERE {_HELD} RETURNING true",
+                parse_job_id(attempt.job_id),
+                attempt.number,
+                self.lease_seconds,
+            )
+        return bool(held)
+
+    async def progress(
+        self, attempt: Attempt, event: events_pb2.ProgressEvent, persist: bool
+    ) -> None:
+        """Announces a denoising step; `persist` also records the percentage (callers
+        throttle it: status reads see it, the snapshot is not rewritten)."""
+        await self._announce(attempt.job_id, progress=event)
+        if persist:
+            async with self._connection() as conn:
+                await conn.execute(
+                    "UPDATE jobs SET progress_percent = $3, stage = 'generating',"
+                    f" updated_at = now() WHERE {_HELD}",
+                    parse_job_id(attempt.job_id),
+                    attempt.number,
+                    event.percent,
+                )
+
+    async def record_artifact(
+        self, attempt: Attempt, artifact: ArtifactRecord, timings: events_pb2.ArtifactEvent
+    ) -> bool:
+        """Records a stored image (a variant rendered again replaces its row)."""
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "UPDATE jobs SET stage = 'generating', updated_at = now()"
+                f" WHERE {_HELD} RETURNING {_JOB_COLUMNS}",
+                parse_job_id(attempt.job_id),
+                attempt.number,
+            )
+            if row is None:
+                return False
+            await _upsert_artifact(conn, artifact)
+            await self._refresh(conn, row)
+        timings.artifact.CopyFrom(artifact_to_pb(artifact))
+        await self._announce(attempt.job_id, artifact=timings)
+        return True
+
+    async def record_scores(
+        self,
+        attempt: Attempt,
+        scored: Sequence[ArtifactRecord],
+        models: Sequence[str],
+        evaluate_ms: float,
+    ) -> bool:
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "UPDATE jobs SET stage = 'evaluated', evaluator_models = $3, updated_at = now()"
+                f" WHERE {_HELD} RETURNING {_JOB_COLUMNS}",
+                parse_job_id(attempt.job_id),
+                attempt.number,
+                list(models),
+            )
+            if row is None:
+                return False
+            await conn.executemany(
+                "UPDATE artifacts SET clip_score = $3, lpips_diversity = $4,"
+                " lpips_to_reference = $5, nsfw = $6, is_primary = $7"
+                " WHERE job_id = $1 AND variant_index = $2",
+                [
+                    (
+                        parse_job_id(attempt.job_id),
+                        a.variant_index,
+                        a.clip_score,
+                        a.lpips_diversity,
+                        a.lpips_to_reference,
+                        a.nsfw,
+                        a.is_primary,
+                    )
+                    for a in scored
+                ],
+            )
+            job = await self._refresh(conn, row)
+        await self._announce(
+            attempt.job_id,
+            evaluation=events_pb2.EvaluationEvent(
+                artifacts=[artifact_to_pb(a) for a in job.artifacts],
+                models=list(models),
+                evaluate_ms=evaluate_ms,
+            ),
+        )
+        return True
+
+    async def complete(self, attempt: Attempt) -> bool:
+        """Ends the attempt's job `completed` (and charged); False when it no longer held it."""
+        return await self._end(
+            attempt,
+            "UPDATE jobs SET status = 'completed', stage = 'done', progress_percent = 100,"
+            f" lease_expires_at = NULL, updated_at = now() WHERE {_HELD}"
+            f" RETURNING {_JOB_COLUMNS}",
+        )
+
+    async def retry_or_fail(self, attempt: Attempt, reason: str, permanent: bool) -> bool:
+        """After a failed attempt: back on the queue while attempts remain and retrying can
+        help, else `failed` (not charged). False when the attempt no longer held the job."""
+        reason = reason[:500]
+        retrying = not permanent and attempt.number < self.max_attempts
+        error = events_pb2.ErrorEvent(message=reason, retrying=retrying)
+        if not retrying:
+            ended = await self._end(attempt, _FAIL, reason, not permanent, error=error)
+            if ended:
+                await self._dead_letter(attempt.job_id, reason)
+            return ended
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "UPDATE jobs SET status = 'queued', stage = '', error = $3, progress_percent = 0,"
+                f" lease_expires_at = NULL, updated_at = now() WHERE {_HELD}"
+                f" RETURNING {_JOB_COLUMNS}",
+                parse_job_id(attempt.job_id),
+                attempt.number,
+                reason,
+            )
+            if row is None:
+                return False
+            await self._refresh(conn, row)
+        await self._announce(attempt.job_id, error=error)
+        await self._announce(
+            attempt.job_id,
+            status=events_pb2.StatusEvent(status=_QUEUED, attempt=attempt.number),
+        )
+        await self._hint_queue(attempt.job_id)
+        return True
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Ends a queued or running job `cancelled` at once; the worker running it is told
+        and stops at its next step. A job that already ended is returned as it is."""
+        job_uuid = parse_job_id(job_id)
+        async with self._transaction() as conn:
+            prior = await conn.fetchval(
+                "SELECT status FROM jobs WHERE id = $1 FOR UPDATE", job_uuid
+            )
+            if prior is None:
+                raise NotFound("no such job")
+            row = await conn.fetchrow(
+                "UPDATE jobs SET status = 'cancelled', stage = 'cancelled', cost_cents = 0,"
+                " lease_expires_at = NULL, updated_at = now()"
+                f" WHERE id = $1 AND status IN ('queued', 'running') RETURNING {_JOB_COLUMNS}",
+                job_uuid,
+            )
+            job = await self._refresh(conn, row) if row is not None else None
+        if job is None:
+            return await self.get(job_id)
+        if prior == JobStatus.RUNNING:
+            await self._blip_tolerant(self._redis.publish(CANCEL_CHANNEL, job_id), "cancel")
+        await self._announce_final(job)
+        return job
+
+    async def expire_leases(self, limit: int = 100) -> list[str]:
+        """Puts back on the queue the running jobs whose worker stopped renewing its lease
+        (it died, or lost its stores for longer than the lease)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < now()"
+                " ORDER BY lease_expires_at LIMIT $1",
+                limit,
+            )
+        expired = []
+        for (job_uuid,) in rows:
+            async with self._transaction() as conn:
+                row = await conn.fetchrow(
+                    "UPDATE jobs SET status = 'queued', stage = '', progress_percent = 0,"
+                    " error = 'its worker stopped', lease_expires_at = NULL, updated_at = now()"
+                    " WHERE id = $1 AND status = 'running' AND lease_expires_at < now()"
+                    f" RETURNING {_JOB_COLUMNS}",
+                    job_uuid,
+                )
+                job = await self._refresh(conn, row) if row is not None else None
+            if job is None:
+                continue
+            log.warning("job %s: lease of attempt %d ran out; queued again", job.id, job.attempts)
+            await self._announce(
+                job.id, status=events_pb2.StatusEvent(status=_QUEUED, attempt=job.attempts)
+            )
+            await self._hint_queue(job.id)
+            expired.append(job.id)
+        return expired
+
+    async def repair_queue(self, older_than_seconds: float, limit: int = 1000) -> list[str]:
+        """Queues again the queued jobs that Redis has no entry for (lost in a restart without
+        persistence, a FLUSHALL, a failover, or never written because Redis was away)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM jobs WHERE status = 'queued'"
+                " AND updated_at < now() - make_interval(secs => $1)"
+                " ORDER BY updated_at LIMIT $2",
+                older_than_seconds,
+                limit,
+            )
+        missing = await self._queue.missing([str(r["id"]) for r in rows])
+        for job_id in missing:
+            log.warning("job %s is queued but not on the queue; queueing it again", job_id)
+            await self._queue.enqueue(job_id)
+        return missing
+
+    async def forget_expired_keys(self) -> int:
+        async with self._connection() as conn:
+            status = await conn.execute(
+                "DELETE FROM idempotency_keys WHERE expires_at < now() - interval '1 hour'"
+            )
+        return int(status.split()[-1])
+
+    # Parts
+
+    async def _end(
+        self, attempt: Attempt, sql: str, *args: Any, error: events_pb2.ErrorEvent | None = None
+    ) -> bool:
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(sql, parse_job_id(attempt.job_id), attempt.number, *args)
+            if row is None:
+                return False
+            job = await self._refresh(conn, row)
+        if error is not None:
+            await self._announce(job.id, error=error)
+        await self._announce_final(job)
+        return True
+
+    async def _claim_key(
+        self, conn: asyncpg.Connection, idempotency: Idempotency, job_id: str
+    ) -> uuid.UUID | None:
+        """Takes the key for `job_id`; or, when it is in use, the job it was used for."""
+        taken = await conn.fetchval(
+            "INSERT INTO idempotency_keys (key, request_sha256, job_id, expires_at)"
+            " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
+            " ON CONFLICT (key) DO UPDATE SET request_sha256 = EXCLUDED.request_sha256,"
+            " job_id = EXCLUDED.job_id, expires_at = EXCLUDED.expires_at"
+            " WHERE idempotency_keys.expires_at < now() RETURNING true",
+            idempotency.key,
+            idempotency.request_sha256,
+            parse_job_id(job_id),
+            float(self.idempotency_ttl_seconds),
+        )
+        if taken:
+            return None
+        row = await conn.fetchrow(
+            "SELECT request_sha256, job_id FROM idempotency_keys WHERE key = $1",
+            idempotency.key,
+        )
+        if row["request_sha256"] not in ("", idempotency.request_sha256):
+            raise Conflict(
+                "idempotency_key: this key was used for a different request"
+                f" within the last {self.idempotency_ttl_seconds} seconds"
+            )
+        first: uuid.UUID = row["job_id"]
+        return first
+
+    async def _refresh(self, conn: asyncpg.Connection, row: asyncpg.Record) -> JobRecord:
+        """The record after a change, with its snapshot rewritten to match."""
+        job = await self._with_artifacts(conn, row)
+        await conn.execute(
+            "UPDATE jobs SET snapshot = $2 WHERE id = $1",
+            row["id"],
+            job_to_pb(job).SerializeToString(),
+        )
+        return job
+
+    @staticmethod
+    async def _with_artifacts(conn: asyncpg.Connection, row: asyncpg.Record) -> JobRecord:
+        job = _job(row)
+        rows = await conn.fetch(
+            f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = $1"
+            " ORDER BY is_primary DESC, variant_index",
+            row["id"],
+        )
+        job.artifacts = [_artifact(r) for r in rows]
+        return job
+
+    @staticmethod
+    def _from_snapshot(data: bytes | None, progress_percent: float) -> types_pb2.Job | None:
+        if data is None:
+            return None  # a row from before snapshots: built from the record instead
+        job = types_pb2.Job.FromString(data)
+        job.progress_percent = progress_percent
+        return job
+
+    async def _announce(self, job_id: str, **payload: Any) -> None:
+        await self._blip_tolerant(
+            self._events.append(job_id, events_pb2.JobEvent(**payload)), "event"
+        )
+
+    async def _announce_final(self, job: JobRecord) -> None:
+        final = events_pb2.JobEvent()
+        final.final.job.CopyFrom(job_to_pb(job))
+        await self._blip_tolerant(self._events.append(job.id, final), "final event")
+
+    async def _hint_queue(self, job_id: str) -> None:
+        await self._blip_tolerant(self._queue.enqueue(job_id), "queue entry")
+
+    async def _dead_letter(self, job_id: str, reason: str) -> None:
+        await self._blip_tolerant(self._queue.dead_letter(job_id, reason), "dead letter")
+
+    @staticmethod
+    async def _blip_tolerant(write: Any, what: str) -> None:
+        """A Redis write after the commit: Postgres already holds the change, so a blip loses
+        only the hint (the reconciler re-queues; watchers fall back to the record)."""
+        try:
+            await write
+        except Exception as error:
+            if not is_blip(error):
+                raise
+            log.warning("%s not written to Redis (%s); Postgres has the change", what, error)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+                yield conn
+        except Exception as error:
+            if isinstance(error, StoreUnavailable) or not is_blip(error):
+                raise
+            raise StoreUnavailable("the job store is unavailable") from error
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+
+
+def _job(row: asyncpg.Record) -> JobRecord:
+    return JobRecord(
+        id=str(row["id"]),
+        status=JobStatus(row["status"]),
+        stage=row["stage"],
+        progress_percent=row["progress_percent"],
+        spec=decode_spec(row["spec"]),
+        cache_key=row["cache_key"],
+        cost_cents=row["cost_cents"],
+        cache_hit=row["cache_hit"],
+        error=row["error"],
+        retryable=row["retryable"],
+        attempts=row["attempts"],
+        engine_version=row["engine_version"],
+        evaluator_models=list(row["evaluator_models"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _artifact(row: asyncpg.Record) -> ArtifactRecord:
+    return ArtifactRecord(
+        id=str(row["id"]),
+        job_id=str(row["job_id"]),
+        variant_index=row["variant_index"],
+        key=row["key"],
+        sha256=row["sha256"],
+        width=row["width_px"],
+        height=row["height_px"],
+        seed=row["seed"],
+        clip_score=row["clip_score"],
+        lpips_diversity=row["lpips_diversity"],
+        lpips_to_reference=row["lpips_to_reference"],
+        nsfw=row["nsfw"],
+        is_primary=row["is_primary"],
+    )
+
+
+async def _upsert_artifact(conn: asyncpg.Connection, a: ArtifactRecord) -> None:
+    await conn.execute(
+        f"INSERT INTO artifacts ({_ARTIFACT_COLUMNS})"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        " ON CONFLICT (job_id, variant_index) DO UPDATE SET id = EXCLUDED.id,"
+        " key = EXCLUDED.key, sha256 = EXCLUDED.sha256, width_px = EXCLUDED.width_px,"
+        " height_px = EXCLUDED.height_px, seed = EXCLUDED.seed",
+        uuid.UUID(a.id),
+        parse_job_id(a.job_id),
+        a.variant_index,
+        a.key,
+        a.sha256,
+        a.width,
+        a.height,
+        a.seed,
+        a.clip_score,
+        a.lpips_diversity,
+        a.lpips_to_reference,
+        a.nsfw,
+        a.is_primary,
+    )
