@@ -9,6 +9,44 @@ def _row(*cells: Any) -> str:
     return "| " + " | ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells) + " |"
 
 
+def _polling(p: dict[str, Any]) -> list[str]:
+    c = p["read_cost"]
+    lines = [
+        "## Clients that poll",
+        "",
+        f"CPU per read, one client reading one completed two-variant job {c['reads']} times in a "
+        f"row (median of {c['repeats']} repeats): the gateway process and every Postgres process "
+        "(psutil CPU times). `GET /healthz` is the bare HTTP floor of the same server.",
+        "",
+        "| read | gateway CPU ms | Postgres CPU ms | total CPU ms | wall ms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in (
+        ("http_status", "HTTP GET /api/status/{id}"),
+        ("grpc_get_job", "gRPC GetJob"),
+        ("http_healthz", "HTTP GET /healthz (floor)"),
+    ):
+        s = c[name]
+        lines.append(
+            f"| {label} | {s['gateway_cpu_ms']:.2f} | {s['postgres_cpu_ms']:.2f} "
+            f"| {s['total_cpu_ms']:.2f} | {s['wall_ms']:.2f} |"
+        )
+    lines += [
+        "",
+        f"{p['clients']} clients submitting tiny jobs back to back, each job watched to the end "
+        f"over SSE or by polling `GET /api/status/{{id}}` every {p['poll_interval_s'] * 1e3:.0f} "
+        "ms; runs interleaved, medians.",
+        "",
+        "| clients watch by | images/s | p50 ms | errors | jobs |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("sse", "polling"):
+        s = p[name]
+        lines.append(_row(name, s["images_per_s"], s["p50_ms"], s["errors"], s["jobs"]))
+    lines += ["", f"Polling clients get {p['polling_vs_sse']:.2f}x the images/s of SSE clients."]
+    return lines
+
+
 def render(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
@@ -70,6 +108,7 @@ def render(r: dict[str, Any]) -> str:
                     s["errors"],
                 )
             )
+    lines += ["", *_polling(r["polling"])]
     f = r["sse_fanout"]
     lines += [
         "",

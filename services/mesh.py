@@ -8,6 +8,7 @@ or SIGTERM stops them all (services first, then the stores), leaving nothing run
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -22,10 +23,22 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.embedded import EmbeddedStores, start_embedded
+from services.common.server import PortInUse
 
 log = logging.getLogger("imagegen.mesh")
 
 SERVICES = ("cache", "evaluator", "generator", "gateway")
+
+
+def port_free(port: int) -> bool:
+    """Whether 127.0.0.1:`port` can be bound (no SO_REUSEPORT, as the services bind)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
@@ -116,14 +129,13 @@ async def wait_serving(addr: str, within: float, process: subprocess.Popen[bytes
             await asyncio.sleep(0.1)
 
 
-def start_mesh(
-    data_dir: Path,
-    ports: Ports,
-    extra_env: dict[str, str] | None = None,
-    log_dir: Path | None = None,
-    timeout: float = 120,
-) -> Mesh:
-    """Starts the stores and the four services; returns once all are SERVING."""
+def prepare_mesh(data_dir: Path, ports: Ports, extra_env: dict[str, str] | None = None) -> Mesh:
+    """The mesh's environment, with the embedded stores started unless DATABASE_URL and
+    REDIS_URL point elsewhere; no service started yet."""
+    taken = [port for port in dataclasses.astuple(ports) if not port_free(port)]
+    if taken:
+        # Before any store starts: a second copy must not share the first one's data folder.
+        raise PortInUse(f"ports {taken} are in use: is imagegen already running?")
     env = dict(os.environ)
     env.update(extra_env or {})
     stores = None
@@ -142,20 +154,33 @@ def start_mesh(
         PUBLIC_BASE_URL=env.get("PUBLIC_BASE_URL", f"http://127.0.0.1:{ports.http}"),
     )
     env.setdefault("MODEL_DIR", str(data_dir / "models"))
-    mesh = Mesh(data_dir, ports, env, stores=stores)
+    return Mesh(data_dir, ports, env, stores=stores)
+
+
+async def start_services(mesh: Mesh, log_dir: Path | None = None, within: float = 120) -> None:
+    """Starts the four services of a prepared mesh; returns once all are SERVING (on failure,
+    everything is stopped)."""
     try:
         for name in SERVICES:
             mesh.start_service(name, log_dir)
-
-        async def all_serving() -> None:
-            await asyncio.gather(
-                *(wait_serving(mesh.addr(n), timeout, mesh.processes[n]) for n in SERVICES)
-            )
-
-        asyncio.run(all_serving())
+        await asyncio.gather(
+            *(wait_serving(mesh.addr(n), within, mesh.processes[n]) for n in SERVICES)
+        )
     except BaseException:
-        mesh.stop()
+        await asyncio.to_thread(mesh.stop)
         raise
+
+
+def start_mesh(
+    data_dir: Path,
+    ports: Ports,
+    extra_env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    timeout: float = 120,
+) -> Mesh:
+    """Starts the stores and the four services; returns once all are SERVING."""
+    mesh = prepare_mesh(data_dir, ports, extra_env)
+    asyncio.run(start_services(mesh, log_dir, timeout))
     return mesh
 
 
@@ -164,7 +189,11 @@ def main() -> None:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     data_dir = Path(os.environ.get("DATA_DIR", ".data"))
     started = time.monotonic()
-    mesh = start_mesh(data_dir, Ports(http=int(os.environ.get("HTTP_PORT", "8080"))))
+    try:
+        mesh = start_mesh(data_dir, Ports(http=int(os.environ.get("HTTP_PORT", "8080"))))
+    except PortInUse as error:
+        log.error("%s", error)
+        raise SystemExit(2) from None
     log.info(
         "all services SERVING in %.1fs: HTTP %s  gRPC gateway %s  (Ctrl-C stops everything)",
         time.monotonic() - started,

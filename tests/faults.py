@@ -48,7 +48,15 @@ import pytest
 import pytest_asyncio
 import redis
 
-from services.mesh import SERVICES, Mesh, Ports, free_port, start_mesh, wait_serving
+from services.mesh import (
+    Mesh,
+    Ports,
+    free_port,
+    prepare_mesh,
+    start_mesh,
+    start_services,
+    wait_serving,
+)
 
 PG_SYSTEM_USER = "pgserver"  # the user pgserver itself runs Postgres as, when run as root
 
@@ -521,29 +529,9 @@ async def start_process_mesh_async(
     gives them, but waits (up to `within` seconds) for SERVING on the running loop, where
     start_mesh would call asyncio.run."""
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-    ports = ports or Ports.free()
-    env = dict(os.environ)
-    env.update(mesh_env(database_url, redis_url, data_dir, model_dir, extra_env))
-    env.update(  # as start_mesh sets them
-        DATA_DIR=str(data_dir),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        CACHE_ADDR=f"127.0.0.1:{ports.cache}",
-        GENERATOR_ADDR=f"127.0.0.1:{ports.generator}",
-        EVALUATOR_ADDR=f"127.0.0.1:{ports.evaluator}",
-        HTTP_PORT=str(ports.http),
-        PUBLIC_BASE_URL=env.get("PUBLIC_BASE_URL", f"http://127.0.0.1:{ports.http}"),
-    )
-    mesh = Mesh(data_dir, ports, env)
-    try:
-        for name in SERVICES:
-            mesh.start_service(name, data_dir / "logs")
-        await asyncio.gather(
-            *(wait_serving(mesh.addr(n), within, mesh.processes[n]) for n in SERVICES)
-        )
-    except BaseException:
-        await asyncio.to_thread(mesh.stop)
-        raise
+    extra = mesh_env(database_url, redis_url, data_dir, model_dir, extra_env)
+    mesh = prepare_mesh(data_dir, ports or Ports.free(), extra)  # the stores are given: none start
+    await start_services(mesh, data_dir / "logs", within)
     return mesh
 
 

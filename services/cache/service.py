@@ -1,21 +1,26 @@
-"""Starts the cache service: its stores, its servicer, its gRPC server."""
+"""Starts the cache service: its stores, its servicer, its gRPC server, and health that says
+NOT_SERVING while Postgres or Redis cannot be reached."""
 
 from __future__ import annotations
+
+import asyncio
 
 from imagegen.v1 import cache_service_pb2, cache_service_pb2_grpc
 
 from services.cache.grpc_api import CacheServicer
 from services.cache.store import PromptCache
 from services.common import db
+from services.common.health import monitor, postgres_check, redis_check
 from services.common.models import load_registry
 from services.common.redis import connect_redis
-from services.common.server import Service, Servicer, start_server
+from services.common.server import Service, Servicer, check_free, start_server
 from services.common.settings import CacheSettings
 
 SERVICE_NAME = cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 
 
 async def start(settings: CacheSettings) -> Service:
+    check_free(settings.listen_addr)
     pool = await db.connect(settings.database_url)
     redis = connect_redis(settings.redis_url)
     registry = load_registry(settings.model_registry, settings.model_dir)
@@ -31,4 +36,11 @@ async def start(settings: CacheSettings) -> Service:
         ],
         settings.max_message_bytes,
     )
-    return Service(running, [pool.close, redis.aclose])
+    health = asyncio.create_task(
+        monitor(running, {"postgres": postgres_check(pool), "redis": redis_check(redis)})
+    )
+
+    async def stop_health() -> None:
+        health.cancel()
+
+    return Service(running, [pool.close, redis.aclose, stop_health])

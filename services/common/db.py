@@ -18,6 +18,15 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_ID = 0x1A6E6E11
 
 
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """Released to the pool without a reset query: the services keep no session state
+    (settings, cursors, LISTEN, advisory locks past the migration's own), and the round trip
+    would double the cost of a one-query status read. An open transaction is still ended."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -27,7 +36,11 @@ async def connect(url: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Po
     if not url:
         raise RuntimeError("DATABASE_URL is not set (make run sets it for the embedded mode)")
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        connection_class=_Connection,
     )
     await migrate(pool)
     return pool

@@ -16,7 +16,8 @@ from typing import Any
 
 import grpc
 
-from services.common.errors import ServiceError, to_rpc_status
+from services.common.errors import ServiceError, Unavailable, to_rpc_status
+from services.common.retry import is_blip
 
 log = logging.getLogger("imagegen.rpc")
 
@@ -34,6 +35,8 @@ def _request_id_from(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 async def _abort(
     context: grpc.aio.ServicerContext[Any, Any], method: str, error: BaseException
 ) -> None:
+    if not isinstance(error, ServiceError) and is_blip(error):
+        error = Unavailable("a store is unavailable; try again shortly")
     if isinstance(error, ServiceError):
         log.info("%s -> %s: %s", method, error.grpc_code.name, error.message)
         await context.abort_with_status(to_rpc_status(error))

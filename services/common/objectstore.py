@@ -16,11 +16,12 @@ import re
 import time
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlencode
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.settings import CommonSettings
 
+URL_STEP_SECONDS = 60
+_MAX_SIGNED_URLS = 10_000
 KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9/_.-]{0,254}$")
 
 
@@ -52,6 +53,8 @@ class LocalStore:
         self._signing_key = signing_key
         self._base_url = base_url.rstrip("/")
         self._ttl = ttl_seconds
+        self._urls: dict[tuple[str, str], str] = {}
+        self._urls_expire = 0
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
@@ -82,9 +85,20 @@ class LocalStore:
         return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()
 
     def _signed(self, method: str, key: str) -> str:
-        expires = int(time.time()) + self._ttl
-        query = urlencode({"expires": expires, "signature": self.signature(method, key, expires)})
-        return f"{self._base_url}/files/{check_key(key)}?{query}"
+        """A URL valid for the TTL plus up to URL_STEP_SECONDS: the expiry is rounded up to a
+        step, so a URL is signed once per step and stays the same (browser-cacheable) within it."""
+        now = int(time.time())
+        expires = (now // URL_STEP_SECONDS + 1) * URL_STEP_SECONDS + self._ttl
+        if expires != self._urls_expire:
+            self._urls.clear()
+            self._urls_expire = expires
+        url = self._urls.get((method, key))
+        if url is None:
+            signature = self.signature(method, key, expires)
+            url = f"{self._base_url}/files/{check_key(key)}?expires={expires}&signature={signature}"
+            if len(self._urls) < _MAX_SIGNED_URLS:
+                self._urls[(method, key)] = url
+        return url
 
     def download_url(self, key: str) -> str:
         return self._signed("GET", key)

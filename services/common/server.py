@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,24 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 class PortInUse(RuntimeError):
     """The service's address is taken: it refuses to start rather than share it."""
+
+
+def check_free(addr: str) -> None:
+    """Raises PortInUse when `host:port` is taken: called first thing by a service's start, so
+    it refuses before it opens a store (start_server checks again, when it really binds)."""
+    host, _, port = addr.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # SO_REUSEADDR as the servers set it: a port left in TIME_WAIT by a stopped copy is
+        # free, one another process listens on is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]") or "0.0.0.0", int(port)))
+        except OSError as error:
+            raise PortInUse(
+                f"cannot listen on {addr}: {error.strerror} (is another copy running?)"
+            ) from None
 
 
 @dataclass

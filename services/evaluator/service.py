@@ -7,7 +7,7 @@ import asyncio
 from imagegen.v1 import evaluator_service_pb2, evaluator_service_pb2_grpc
 
 from services.common.objectstore import open_store
-from services.common.server import Service, Servicer, start_server
+from services.common.server import Service, Servicer, check_free, start_server
 from services.common.settings import EvaluatorSettings
 from services.common.torch_compat import prepare_torch, set_torch_threads
 
@@ -15,6 +15,7 @@ SERVICE_NAME = evaluator_service_pb2.DESCRIPTOR.services_by_name["EvaluatorServi
 
 
 async def start(settings: EvaluatorSettings) -> Service:
+    check_free(settings.listen_addr)
     prepare_torch()
     set_torch_threads(settings.torch_threads)
     from services.evaluator.grpc_api import EvaluatorServicer

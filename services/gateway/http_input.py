@@ -35,6 +35,7 @@ from services.common.errors import (
 )
 from services.common.events import check_event_id
 from services.common.interceptors import request_id
+from services.common.retry import is_blip
 from services.common.spec import (
     MAX_REPORTED,
     Where,
@@ -268,6 +269,8 @@ def error_response(error: BaseException) -> JSONResponse:
             error = NotFound("no such route")
         else:
             error = ServiceError(str(error.detail))
+    if not isinstance(error, ServiceError) and is_blip(error):
+        error = Unavailable("a store is unavailable; try again shortly")
     if isinstance(error, ServiceError):
         log.info("HTTP %d %s: %s", error.http_status, error.grpc_code.name, error.message)
     else:

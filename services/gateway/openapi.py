@@ -16,8 +16,17 @@ def _op(summary: str, ok: str, body: str | None = None, **extra: Any) -> dict[st
                 "description": "unknown run",
                 "content": {"application/json": {"schema": _ERROR}},
             },
+            "413": {
+                "description": "body over 1 MiB (refused before it is read)",
+                "content": {"application/json": {"schema": _ERROR}},
+            },
             "422": {
                 "description": "bad field",
+                "content": {"application/json": {"schema": _ERROR}},
+            },
+            "503": {
+                "description": "the job store is unavailable; retry after the Retry-After header",
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                 "content": {"application/json": {"schema": _ERROR}},
             },
         },
@@ -39,7 +48,19 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/api/generate/text-to-image": {
             "post": _op(
-                "Create a generation job (or answer from the cache)", "the job", "GenerateRequest"
+                "Create a generation job (or answer from the cache)",
+                "the job",
+                "GenerateRequest",
+                parameters=[
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "a retry with the same key and body returns the first job"
+                        " for IDEMPOTENCY_TTL_SECONDS (default a day); another body gets 409",
+                        "schema": {"type": "string", "maxLength": 200},
+                    }
+                ],
             )
         },
         "/api/status/{run_id}": {"get": _op("Read a job", "the job", parameters=_RUN_ID)},

@@ -25,7 +25,7 @@ from services.common.models import load_registry
 from services.common.objectstore import open_store
 from services.common.queue import JobQueue
 from services.common.redis import connect_redis
-from services.common.server import PortInUse, Service, Servicer, start_server
+from services.common.server import PortInUse, Service, Servicer, check_free, start_server
 from services.common.settings import GatewaySettings
 from services.gateway.grpc_api import CostServicer, ImageServicer
 from services.gateway.http_api import build_app
@@ -44,6 +44,8 @@ class _HttpServer(uvicorn.Server):
 
 
 async def start(settings: GatewaySettings) -> Service:
+    check_free(settings.listen_addr)
+    check_free(f"{settings.http_host}:{settings.http_port}")
     pool = await db.connect(settings.database_url)
     redis = connect_redis(settings.redis_url)
     registry = load_registry(settings.model_registry, settings.model_dir)

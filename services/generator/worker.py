@@ -25,13 +25,13 @@ from services.cache.client import CacheClient
 from services.common.errors import InvalidArgument, NotFound
 from services.common.objectstore import ObjectStore
 from services.common.queue import Delivery, JobQueue
+from services.common.retry import is_blip, through_blips
 from services.evaluator.client import EvaluatorClient
 from services.generator.engine import Engine, Step, progress_event, save_image
 from services.generator.pipeline import StepCancelled
 from services.jobs.cancels import CancelListener, CancelToken
 from services.jobs.lifecycle import JobLifecycle
 from services.jobs.records import ArtifactRecord, Attempt
-from services.jobs.retry import is_blip, through_blips
 
 log = logging.getLogger("imagegen.worker")
 

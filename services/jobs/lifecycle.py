@@ -34,6 +34,7 @@ from services.common.convert import artifact_to_pb, job_to_pb
 from services.common.errors import Conflict, NotFound
 from services.common.events import EventLog
 from services.common.queue import JobQueue
+from services.common.retry import StoreUnavailable, is_blip
 from services.jobs.records import (
     ArtifactRecord,
     Attempt,
@@ -43,7 +44,6 @@ from services.jobs.records import (
     encode_spec,
     parse_job_id,
 )
-from services.jobs.retry import StoreUnavailable, is_blip
 
 log = logging.getLogger("imagegen.jobs")
 

@@ -18,8 +18,8 @@ import logging
 from dataclasses import dataclass
 
 from services.common.queue import JobQueue
+from services.common.retry import is_blip
 from services.jobs.lifecycle import JobLifecycle
-from services.jobs.retry import is_blip
 
 log = logging.getLogger("imagegen.reconciler")
 
