@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install proto models run demo test lint fmt bench clean
+.PHONY: install proto models run demo test lint fmt bench bench-deps determinism clean
 
 ## install: virtualenv with every dependency; torch first, pinned to the CPU wheel.
 install: $(VENV)/.installed
@@ -52,6 +52,11 @@ run: proto models
 demo:
 	$(PY) -m services.demo
 
+## determinism: same request, same PNG bytes: twice, across processes, across a generator
+## restart, variant i vs seed+i, alone vs batched. Exits non-zero on any mismatch.
+determinism: proto models
+	$(PY) -m services.generator.determinism
+
 ## test: everything the CI runs.
 test: proto models
 	$(PY) -m pytest
@@ -68,8 +73,17 @@ fmt: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 
 ## bench: benchmarks under bench/ (writes bench/RESULTS.md).
-bench: proto models
+bench: proto models bench-deps
 	$(PY) -m bench
+
+## bench-deps: .venv-bench, where the engine benchmark's Ray Serve peer runs (its own virtualenv:
+## ray[serve] brings packages that would change what the services' virtualenv runs).
+bench-deps: .venv-bench/.installed
+.venv-bench/.installed: requirements/bench.txt requirements/ml.txt
+	test -x .venv-bench/bin/python || $(PY_SYS) -m venv .venv-bench
+	.venv-bench/bin/pip install -q -c requirements/constraints.txt torch==2.13.0
+	.venv-bench/bin/pip install -q -c requirements/constraints.txt -r requirements/bench.txt
+	touch $@
 
 clean:
 	rm -rf gen $(DATA_DIR) .pytest_cache .mypy_cache

@@ -69,9 +69,9 @@ async def one_job(mesh: Mesh, client: httpx.AsyncClient) -> dict[str, float]:
 def direct_runs(runs: int) -> list[dict[str, float]]:
     """The same render and PNG encode, in this process, with no service in between."""
     prepare_torch()
-    from services.generator.pipeline import PipelineRunner, RenderRequest, encode_png
+    from services.generator.pipeline import RenderRequest, SdRunner, encode_png
 
-    runner = PipelineRunner(Path(MODEL_DIR) / "tiny-sd")
+    runner = SdRunner(Path(MODEL_DIR) / "tiny-sd")
     request = RenderRequest(
         prompt=str(PARAMS["prompt"]),
         negative_prompt="",
@@ -84,7 +84,7 @@ def direct_runs(runs: int) -> list[dict[str, float]]:
     results = []
     for _ in range(runs + 2):  # two warm-up runs, as for the mesh
         started = time.perf_counter()
-        image = runner.render(request, lambda step, total: None, lambda: False)
+        image = runner.render_one(request, lambda step, total: None, lambda: False)
         rendered = time.perf_counter()
         encode_png(image)
         done = time.perf_counter()

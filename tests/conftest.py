@@ -55,14 +55,28 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreUrls]:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The models `make models` built, or a fresh build when run outside make."""
     built = Path(os.environ.get("MODEL_DIR", ROOT / ".data" / "models"))
-    if (built / "tiny-sd" / "model_index.json").exists() and (built / "tiny-clip").exists():
+    pipelines = ("tiny-sd", "tiny-fibo")
+    controlnets = ("tiny-sd-controlnet-canny", "tiny-sd-controlnet-depth")  # not importing torch
+    if (
+        all((built / name / "model_index.json").exists() for name in pipelines)
+        and all((built / name / "config.json").exists() for name in controlnets)
+        and (built / "tiny-clip").exists()
+    ):
         return built
     from services.evaluator.tiny_models import build_tiny_clip
-    from services.generator.tiny_models import build_tiny_sd
+    from services.generator.tiny_models import (
+        TINY_SD_CONTROLNETS,
+        build_tiny_controlnet,
+        build_tiny_fibo,
+        build_tiny_sd,
+    )
 
     target = tmp_path_factory.mktemp("models")
     build_tiny_sd(target)
+    build_tiny_fibo(target)
     build_tiny_clip(target)
+    for kind in TINY_SD_CONTROLNETS:
+        build_tiny_controlnet(target, kind)
     return target
 
 

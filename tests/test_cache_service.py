@@ -241,6 +241,24 @@ async def test_store_again_replaces_the_result_and_keeps_the_hit_count(
     assert hit.entry.hit_count == 2
 
 
+async def test_a_replaced_result_is_what_postgres_and_seed_agnostic_lookups_return(
+    cache: cache_service_pb2_grpc.CacheServiceStub, redis: aioredis.Redis
+) -> None:
+    # What a job with cache=refresh relies on: its store replaces the entry everywhere.
+    prompt = f"a lighthouse {uuid.uuid4().hex}"
+    first = await store(cache, spec(prompt))
+    second = await store(cache, spec(prompt))
+    assert artifact_keys(second) != artifact_keys(first)
+    agnostic = await cache.Lookup(pb.LookupRequest(spec=spec(prompt, seed=99), seed_agnostic=True))
+    assert agnostic.hit and agnostic.entry.job_id == second.job_id
+    assert artifact_keys(agnostic.entry) == artifact_keys(second)
+
+    await redis.delete(cache_store._HOT + second.key, cache_store._SEEDLESS + second.seedless_key)
+    from_postgres = await cache.Lookup(pb.LookupRequest(spec=spec(prompt)))
+    assert from_postgres.hit and from_postgres.entry.job_id == second.job_id
+    assert artifact_keys(from_postgres.entry) == artifact_keys(second)
+
+
 async def test_entry_expires_after_its_ttl_from_redis_and_postgres(
     cache: cache_service_pb2_grpc.CacheServiceStub, redis: aioredis.Redis
 ) -> None:

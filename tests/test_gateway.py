@@ -16,6 +16,7 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from imagegen.v1 import (
@@ -30,9 +31,14 @@ from imagegen.v1 import (
 )
 from PIL import Image
 
+from services.common import db
+from services.common.events import EventLog
 from services.common.objectstore import LocalStore, content_key, open_store
+from services.common.queue import JobQueue
 from services.common.settings import GatewaySettings
 from services.gateway.jobs import WATCH_IDLE_SECONDS
+from services.jobs.lifecycle import JobLifecycle
+from services.jobs.records import CacheMode
 from tests.conftest import Mesh, ServiceEnv, start_in_process
 from tests.helpers import violations
 
@@ -180,19 +186,22 @@ class Watch:
 async def test_create_job_queues_it_with_a_resolved_seed_and_its_price(
     images: image_service_pb2_grpc.ImageServiceStub,
 ) -> None:
-    response = await create(images, spec(seed=None, width_px=512, height_px=512, num_variants=2))
+    response = await create(
+        images, spec(seed=None, width_px=512, height_px=512, num_variants=2, steps=30)
+    )
     job = response.job
     assert job.status == types_pb2.JOB_STATUS_QUEUED
     uuid.UUID(job.id)
     assert job.spec.HasField("seed")
     assert job.spec.model == "tiny-sd"
-    assert (job.spec.steps, job.spec.num_variants) == (4, 2)
+    assert (job.spec.steps, job.spec.num_variants) == (30, 2)
     assert job.spec.HasField("guidance_scale")
     assert not job.cache_hit
-    # 2 variants x 0.25 MP x 3 cents = 1.5, rounded up.
+    # 2 variants x 0.25 MP x 3 cents = 1.5, x 30/20 steps = 2.25, rounded up.
     assert response.estimate.base_cents == pytest.approx(1.5)
-    assert response.estimate.total_cents == 2
-    assert job.cost_cents == 2
+    assert response.estimate.steps_factor == pytest.approx(1.5)
+    assert response.estimate.total_cents == 3
+    assert job.cost_cents == 3
     assert job.engine_version
     assert job.HasField("create_time")
 
@@ -251,9 +260,10 @@ async def test_create_job_with_a_too_long_idempotency_key_names_that_field(
         ({"num_variants": 50}, {"spec.num_variants"}),
         ({"steps": 1000}, {"spec.steps"}),
         (
-            # The tiny model has no ControlNet at all, and 2.0 is out of range.
-            {"controlnet": types_pb2.ControlNet(name="canny", weight=2.0)},
-            {"spec.controlnet.name", "spec.controlnet.weight"},
+            # The tiny model has no recoloring ControlNet, 2.0 is out of range, and there is no
+            # reference image to make the control image from.
+            {"controlnet": types_pb2.ControlNet(name="recoloring", weight=2.0)},
+            {"spec.controlnet.name", "spec.controlnet.weight", "spec.controlnet"},
         ),
         (
             {"guidance_images": [types_pb2.GuidanceImage(key="uploads/ab/none.png")]},
@@ -288,7 +298,7 @@ async def test_create_job_rejects_a_guidance_image_that_was_never_uploaded(
     images: image_service_pb2_grpc.ImageServiceStub,
 ) -> None:
     missing = types_pb2.GuidanceImage(
-        key=f"uploads/00/{uuid.uuid4().hex}.png", role=types_pb2.GUIDANCE_ROLE_STYLE
+        key=f"uploads/00/{uuid.uuid4().hex}.png", role=types_pb2.GUIDANCE_ROLE_REFERENCE
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await create(images, spec(guidance_images=[missing]))
@@ -498,22 +508,29 @@ async def test_watch_with_a_bad_event_id_is_invalid_naming_after_event_id(
 async def test_estimate_cost_over_grpc_and_http_agree_on_the_formula(
     costs: cost_service_pb2_grpc.CostServiceStub, http: httpx.AsyncClient
 ) -> None:
-    # 3 variants x 1 MP (1024x1024) x 3 cents = 9.
+    # 3 variants x 1 MP (1024x1024) x 3 cents = 9, x 40/20 steps = 18.
     grpc_cost = await costs.EstimateCost(
         cost_service_pb2.EstimateCostRequest(
-            spec=spec(width_px=1024, height_px=1024, num_variants=3)
+            spec=spec(width_px=1024, height_px=1024, num_variants=3, steps=40)
         )
     )
     response = await http.post(
         "/api/cost/estimate",
-        json={"prompt": "a windmill", "width": 1024, "height": 1024, "num_variants": 3},
+        json={
+            "prompt": "a windmill",
+            "width": 1024,
+            "height": 1024,
+            "num_variants": 3,
+            "steps": 40,
+        },
     )
     assert response.status_code == 200
     body = response.json()
     breakdown = grpc_cost.breakdown
-    assert breakdown.total_cents == 9
-    assert body["est_cost_cents"] == 9
+    assert breakdown.total_cents == 18
+    assert body["est_cost_cents"] == 18
     assert body["breakdown"]["base_cents"] == pytest.approx(breakdown.base_cents) == 9.0
+    assert body["breakdown"]["steps_factor"] == breakdown.steps_factor == 2.0
     assert body["breakdown"]["model_multiplier"] == breakdown.model_multiplier == 1.0
     assert body["breakdown"]["controlnet_cents"] == breakdown.controlnet_cents == 0.0
     assert body["breakdown"]["guidance_cents"] == breakdown.guidance_cents == 0.0
@@ -633,6 +650,98 @@ async def test_seed_agnostic_create_job_answers_from_another_seed_and_records_it
     assert [a.key for a in agnostic.artifacts] == [a.key for a in stored]
 
 
+# Cache modes (whether the worker stores what it renders: tests/test_cache_modes.py)
+
+USE = image_service_pb2.CACHE_MODE_USE
+REFRESH = image_service_pb2.CACHE_MODE_REFRESH
+OFF = image_service_pb2.CACHE_MODE_OFF
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def lifecycle(env: ServiceEnv) -> AsyncIterator[JobLifecycle]:
+    """The job records, read as the generator's worker reads them."""
+    pool = await db.connect(env.database_url, max_size=1)
+    redis = aioredis.from_url(env.redis_url)
+    try:
+        yield JobLifecycle(pool, redis, EventLog(redis, 600), JobQueue(redis))
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "stored"),
+    [
+        ({}, CacheMode.USE),
+        ({"cache": USE}, CacheMode.USE),
+        ({"cache": REFRESH}, CacheMode.REFRESH),
+        ({"cache": OFF}, CacheMode.OFF),
+        ({"skip_cache": True}, CacheMode.REFRESH),
+        ({"skip_cache": True, "cache": REFRESH}, CacheMode.REFRESH),
+    ],
+    ids=["unspecified", "use", "refresh", "off", "skip-cache", "skip-cache-and-refresh"],
+)
+async def test_create_job_records_its_cache_mode_for_the_worker(
+    images: image_service_pb2_grpc.ImageServiceStub,
+    lifecycle: JobLifecycle,
+    fields: dict[str, Any],
+    stored: CacheMode,
+) -> None:
+    job = (await create(images, spec(), **fields)).job
+    assert job.status == types_pb2.JOB_STATUS_QUEUED
+    assert (await lifecycle.get(job.id)).cache_mode is stored
+
+
+@pytest.mark.parametrize("mode", [REFRESH, OFF], ids=["refresh", "off"])
+async def test_create_job_with_cache_refresh_or_off_does_not_read_a_cached_spec(
+    images: image_service_pb2_grpc.ImageServiceStub,
+    cache: cache_service_pb2_grpc.CacheServiceStub,
+    objects: LocalStore,
+    mode: int,
+) -> None:
+    request_spec = spec()
+    await store_result(cache, objects, request_spec)
+    assert (await create(images, request_spec, cache=USE)).job.cache_hit
+    job = (await create(images, request_spec, cache=mode)).job
+    assert job.status == types_pb2.JOB_STATUS_QUEUED
+    assert not job.cache_hit and job.cost_cents >= 1
+
+
+async def test_create_job_with_an_unknown_cache_mode_is_invalid_naming_cache(
+    images: image_service_pb2_grpc.ImageServiceStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await create(images, spec(), cache=7)
+    assert violations(caught.value) == ["cache"]
+
+
+@pytest.mark.parametrize(("mode", "name"), [(USE, "use"), (OFF, "off")], ids=["use", "off"])
+async def test_skip_cache_with_another_cache_mode_is_invalid_naming_skip_cache(
+    images: image_service_pb2_grpc.ImageServiceStub, http: httpx.AsyncClient, mode: int, name: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await create(images, spec(), skip_cache=True, cache=mode)
+    assert violations(caught.value) == ["skip_cache"]
+    body = {"prompt": "a windmill", "width": 64, "height": 64, "skip_cache": True, "cache": name}
+    response = await http.post("/api/generate/text-to-image", json=body)
+    assert response.status_code == 422
+    assert [v["field"] for v in response.json()["error"]["field_violations"]] == ["skip_cache"]
+
+
+async def test_an_idempotency_key_replays_only_for_the_same_cache_mode(
+    images: image_service_pb2_grpc.ImageServiceStub,
+) -> None:
+    key = f"retry-{uuid.uuid4()}"
+    request_spec = spec()
+    first = await create(images, request_spec, idempotency_key=key, skip_cache=True)
+    again = await create(images, request_spec, idempotency_key=key, cache=REFRESH)
+    assert again.job.id == first.job.id  # skip_cache is cache=refresh: the same request
+    for mode in (USE, OFF):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await create(images, request_spec, idempotency_key=key, cache=mode)
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
 # HTTP facade
 
 
@@ -696,6 +805,40 @@ async def test_http_generate_of_a_cached_spec_is_a_free_hit(
     assert job["cost_cents"] == 0
     assert [a["key"] for a in job["artifacts"]] == [a.key for a in stored]
     assert [a["semantic_score"] for a in job["artifacts"]] == [30.0, 29.0]
+
+
+async def test_http_generate_cache_use_hits_while_refresh_and_off_render(
+    http: httpx.AsyncClient, cache: cache_service_pb2_grpc.CacheServiceStub, objects: LocalStore
+) -> None:
+    prompt = f"a windmill {uuid.uuid4().hex}"
+    await store_result(cache, objects, spec(prompt, seed=5))
+    body = {"prompt": prompt, "seed": 5, "width": 64, "height": 64, "steps": 4}
+    outcomes = {}
+    for mode in ("use", "refresh", "off"):
+        response = await http.post("/api/generate/text-to-image", json={**body, "cache": mode})
+        assert response.status_code == 201, response.text
+        outcomes[mode] = (response.json()["status"], response.json()["cached_hit"])
+    assert outcomes == {
+        "use": ("completed", True),
+        "refresh": ("queued", False),
+        "off": ("queued", False),
+    }
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["sometimes", "USE", " use", "skip", "", 1, True, ["use"], {"mode": "use"}],
+    ids=["word", "upper", "space", "skip", "empty", "number", "bool", "array", "object"],
+)
+async def test_http_generate_with_a_bad_cache_mode_answers_422_naming_cache(
+    http: httpx.AsyncClient, value: Any
+) -> None:
+    body = {"prompt": "a windmill", "width": 64, "height": 64, "cache": value}
+    response = await http.post("/api/generate/text-to-image", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert [v["field"] for v in error["field_violations"]] == ["cache"]
 
 
 async def test_http_cache_lookup_misses_then_finds_a_stored_result_with_urls(

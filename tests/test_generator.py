@@ -183,26 +183,26 @@ def kinds(events: list[events_pb2.JobEvent]) -> list[str]:
 # GeneratorService, without the queue
 
 
-async def test_generate_streams_a_progress_event_per_step_of_each_variant_then_its_image(
+async def test_generate_streams_progress_for_every_step_of_the_batched_variants_then_images(
     generator: generator_service_pb2_grpc.GeneratorServiceStub,
 ) -> None:
     async with generate(generator, spec(num_variants=2)) as stream:
         responses = await stream.rest()
-    progress = [
-        (r.progress.variant_index, r.progress.step, r.progress.total_steps)
-        for r in responses
-        if r.WhichOneof("event") == "progress"
-    ]
-    assert progress == [(v, s, 4) for v in range(2) for s in range(1, 5)]
-    percents = [r.progress.percent for r in responses if r.WhichOneof("event") == "progress"]
+    kinds = [r.WhichOneof("event") for r in responses]
+    progress = [r.progress for r in responses if r.WhichOneof("event") == "progress"]
+    # Both variants share one batch: their steps advance together, each step reported in order
+    # (the steps of the two rows may arrive as one event or two).
+    steps = [p.step for p in progress]
+    assert sorted(set(steps)) == [1, 2, 3, 4] and steps == sorted(steps)
+    assert all(p.total_steps == 4 for p in progress)
+    percents = [p.percent for p in progress]
     assert percents == sorted(percents) and percents[-1] == pytest.approx(100.0)
 
     artifacts = [r.artifact.artifact for r in responses if r.WhichOneof("event") == "artifact"]
-    assert [(a.variant_index, a.seed) for a in artifacts] == [(0, 1234), (1, 1235)]
+    assert sorted((a.variant_index, a.seed) for a in artifacts) == [(0, 1234), (1, 1235)]
     assert all((a.width_px, a.height_px) == (64, 64) for a in artifacts)
-    # A variant's image comes after all of its steps and is the last thing streamed for it.
-    positions = [r.WhichOneof("event") for r in responses]
-    assert positions == ["progress"] * 4 + ["artifact"] + ["progress"] * 4 + ["artifact"]
+    # The images come once every step is done.
+    assert kinds[-2:] == ["artifact", "artifact"] and "artifact" not in kinds[:-2]
 
 
 async def test_generate_stores_the_pngs_under_their_content_addressed_keys(
@@ -292,7 +292,7 @@ async def test_list_models_lists_tiny_sd_as_the_default(
     tiny = models["tiny-sd"]
     assert tiny.is_default
     assert [m.id for m in response.models if m.is_default] == ["tiny-sd"]
-    assert tiny.family == "stable-diffusion"
+    assert tiny.family == "sd"
     assert (tiny.default_width_px, tiny.default_height_px) == (256, 256)
     assert tiny.default_steps == TINY_SD["default_steps"]
     assert tiny.max_steps == TINY_SD["max_steps"]
@@ -366,10 +366,9 @@ async def test_a_job_streams_every_step_each_image_its_scores_and_a_final_event_
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert all(e.job_id == finished_job.job.id for e in events)
 
-    progress = [
-        (e.progress.variant_index, e.progress.step) for e in events if e.HasField("progress")
-    ]
-    assert progress == [(v, s) for v in range(2) for s in range(1, 5)]
+    # The two variants share a batch: every step is reported, in order.
+    steps = [e.progress.step for e in events if e.HasField("progress")]
+    assert sorted(set(steps)) == [1, 2, 3, 4] and steps == sorted(steps)
     assert all(e.progress.total_steps == 4 for e in events if e.HasField("progress"))
 
     order = kinds(events)
@@ -382,7 +381,13 @@ async def test_a_job_streams_every_step_each_image_its_scores_and_a_final_event_
     assert max(i for i, kind in enumerate(order) if kind == "artifact") < order.index("evaluation")
 
     statuses = [e.status.status for e in events if e.HasField("status")]
-    assert statuses == [types_pb2.JOB_STATUS_QUEUED, types_pb2.JOB_STATUS_RUNNING]
+    assert statuses[:2] == [types_pb2.JOB_STATUS_QUEUED, types_pb2.JOB_STATUS_RUNNING]
+    assert set(statuses[2:]) == {types_pb2.JOB_STATUS_RUNNING}  # stage changes
+    stages = [e.status.stage for e in events if e.HasField("status")][2:]
+    # The stages, in the order the job went through them (the model was loaded at start).
+    seen = list(dict.fromkeys(stages))
+    expected = ["encoding_prompt", "denoising", "decoding", "encoding_png", "uploading"]
+    assert seen == [*expected, "evaluating"]
 
     evaluation = events[order.index("evaluation")].evaluation
     assert len(evaluation.models) >= 2
@@ -631,6 +636,7 @@ async def test_a_job_whose_evaluation_fails_is_retried_then_failed_and_dead_lett
             for e in events
             if e.HasField("status") and e.status.attempt
         ]
+        statuses = [s for i, s in enumerate(statuses) if i == 0 or s != statuses[i - 1]]
         running, queued = types_pb2.JOB_STATUS_RUNNING, types_pb2.JOB_STATUS_QUEUED
         # Each attempt runs; each retried one goes back to the queue before the next.
         assert (

@@ -832,6 +832,7 @@ FIELDS = [
     "controlnet",
     "seed_agnostic_cache",
     "skip_cache",
+    "cache",
     "seed_agnostic",
     "content_type",
     "sha256",
@@ -1084,6 +1085,7 @@ async def test_fuzzed_grpc_requests_never_get_internal_or_unknown(
                 idempotency_key=text,
                 seed_agnostic_cache=flags[0],
                 skip_cache=flags[1],
+                cache=number % 6,  # type: ignore[arg-type]  # 4 and 5 are unknown modes
             )
             call = lambda: images.CreateJob(create, timeout=WAIT)  # noqa: E731
         elif rpc == "EstimateCost":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
@@ -15,6 +16,7 @@ from services.common.errors import FieldViolation, InvalidArgument
 from services.common.models import ModelSpec, Registry, load_registry
 from services.common.settings import ROOT
 from services.common.spec import (
+    GUIDANCE_ROLES,
     MAX_SEED,
     ControlNet,
     GuidanceImage,
@@ -24,11 +26,11 @@ from services.common.spec import (
     normalize_prompt,
     resolve,
 )
-from services.gateway.cost import estimate
+from services.gateway.cost import Cost, estimate
 
 TINY = ModelSpec(
     id="tiny-sd",
-    family="stable-diffusion",
+    family="sd",
     path="/models/tiny-sd",
     version="tiny-sd-1",
     default_steps=20,
@@ -37,6 +39,7 @@ TINY = ModelSpec(
     default_guidance=7.5,
     min_size=64,
     max_size=1024,
+    guidance_roles=GUIDANCE_ROLES,  # as if it had an IP-Adapter for style and texture
 )
 HD = replace(
     TINY,
@@ -45,7 +48,7 @@ HD = replace(
     min_size=256,
     max_size=2048,
     price_multiplier=1.5,
-    controlnets=("canny", "depth"),
+    controlnets={"canny": "/models/hd-canny", "depth": "/models/hd-depth"},
 )
 REGISTRY = Registry(models={"tiny-sd": TINY, "hd": HD}, default="tiny-sd")
 
@@ -247,6 +250,7 @@ def test_resolve_collects_every_violation_with_its_field_name() -> None:
         "guidance_images[1].role",
         "controlnet.name",
         "controlnet.weight",
+        "controlnet",  # no reference image to make its control image from
     }
     assert all(v.description for v in caught.value.violations)
 
@@ -317,10 +321,12 @@ def test_resolve_rejects_more_than_five_guidance_images() -> None:
 
 
 def test_resolve_rejects_a_controlnet_the_model_does_not_have() -> None:
+    reference = (GuidanceImage("uploads/ref.png", "reference"),)
+    canny = Spec(prompt="a", guidance_images=reference, controlnet=ControlNet("canny", 0.5))
     with pytest.raises(InvalidArgument) as caught:
-        resolve(Spec(prompt="a", controlnet=ControlNet("canny", 0.5)), REGISTRY)
+        resolve(canny, REGISTRY)
     assert fields_of(caught.value) == ["controlnet.name"]
-    spec = resolve(Spec(prompt="a", model="hd", controlnet=ControlNet("canny", 0.5)), REGISTRY)
+    spec = resolve(replace(canny, model="hd"), REGISTRY)
     assert spec.controlnet == ControlNet("canny", 0.5)
 
 
@@ -416,6 +422,43 @@ def test_estimate_does_not_round_float_noise_up_a_cent() -> None:
     assert estimate(spec, replace(HD, price_multiplier=1.1)).total_cents == 55
 
 
+def priced(model: ModelSpec, steps: int, **fields: Any) -> Cost:
+    """The price of a one-variant request at `steps`, 1 MP unless `fields` say otherwise, as
+    `resolve` leaves it (the price reads only sizes, variants, steps and the extras)."""
+    size: dict[str, Any] = {"width": 1024, "height": 1024, "num_variants": 1, "seed": 1}
+    spec = Spec(prompt="a fox", model=model.id, steps=steps, **{**size, **fields})
+    return estimate(spec, model)
+
+
+def test_a_job_of_twice_the_default_steps_costs_twice_as_much() -> None:
+    # 1 MP at the default 20 steps: 3 cents; at 40 steps: 6. The base is shown before the factor.
+    at_default, doubled = priced(TINY, 20), priced(TINY, 40)
+    assert (at_default.base_cents, at_default.steps_factor, at_default.total_cents) == (3, 1, 3)
+    assert (doubled.base_cents, doubled.steps_factor, doubled.total_cents) == (3, 2, 6)
+
+
+def test_steps_scale_the_denoising_part_only_and_the_total_rounds_up() -> None:
+    # (3 x 10/20 + ControlNet 1 + one guidance image 0.5) x 1.5 = 4.5 -> 5;
+    # (3 x 40/20 + 1 + 0.5) x 1.5 = 11.25 -> 12: twice the steps, not twice the surcharges.
+    extras: dict[str, Any] = {
+        "controlnet": ControlNet("canny", 0.5),
+        "guidance_images": (GuidanceImage("uploads/a.png", "style"),),
+    }
+    half, doubled = priced(HD, 10, **extras), priced(HD, 40, **extras)
+    assert (half.steps_factor, half.total_cents) == (0.5, 5)
+    assert (doubled.steps_factor, doubled.total_cents) == (2.0, 12)
+    for cost in (half, doubled):
+        assert (cost.controlnet_cents, cost.guidance_cents) == (1.0, 0.5)
+
+
+def test_a_few_steps_round_up_to_a_whole_cent_and_never_below_one() -> None:
+    # 1 MP at 7 of 20 steps is 1.05 cents: 2. 64x64 at 1 step is ~0.0006 cents: the minimum, 1.
+    assert priced(TINY, 7).total_cents == 2
+    tiny = priced(TINY, 1, width=64, height=64)
+    assert tiny.steps_factor == pytest.approx(1 / 20)
+    assert tiny.total_cents == 1
+
+
 # Protobuf conversions
 
 
@@ -501,8 +544,12 @@ def test_spec_json_round_trips_for_the_job_store() -> None:
         Spec(
             prompt="a fox",
             model="hd",
-            guidance_images=(GuidanceImage("uploads/a.png", "style"),),
-            controlnet=ControlNet("canny", 0.5, "uploads/m.png"),
+            guidance_images=(
+                GuidanceImage("uploads/r.png", "reference"),
+                GuidanceImage("uploads/a.png", "style"),
+            ),
+            controlnet=ControlNet("canny", 0.5),
+            strength=0.5,
         ),
         REGISTRY,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2
@@ -37,6 +37,11 @@ _PB_FIELD = {"prompt": "text", "width": "width_px", "height": "height_px", "mask
 _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec))
 
 
+def roles_to_pb(roles: Iterable[str]) -> list[types_pb2.GuidanceRole.ValueType]:
+    """Guidance role names as the enum (unknown names are left out)."""
+    return [_ROLE_TO_PB[role] for role in roles if role in _ROLE_TO_PB]
+
+
 def spec_from_pb(message: types_pb2.GenerationSpec) -> Spec:
     fibo = None
     if message.HasField("fibo_json"):
@@ -63,6 +68,8 @@ def spec_from_pb(message: types_pb2.GenerationSpec) -> Spec:
             for g in message.guidance_images
         ),
         controlnet=controlnet,
+        strength=round(message.strength, 6) if message.HasField("strength") else None,
+        preview_every=message.preview_every_steps,
     )
 
 
@@ -108,6 +115,9 @@ def spec_to_pb(spec: Spec) -> types_pb2.GenerationSpec:
         message.seed = spec.seed
     if spec.guidance_scale is not None:
         message.guidance_scale = spec.guidance_scale
+    if spec.strength is not None:
+        message.strength = spec.strength
+    message.preview_every_steps = spec.preview_every
     if spec.controlnet is not None:
         message.controlnet.CopyFrom(
             types_pb2.ControlNet(
@@ -192,6 +202,7 @@ def job_to_pb(job: JobRecord, url_for: Callable[[str], str] | None = None) -> ty
         engine_version=job.engine_version,
         retryable=job.retryable,
         evaluator_models=job.evaluator_models,
+        notices=job.spec.notices,
     )
     if job.created_at is not None:
         message.create_time.FromDatetime(job.created_at)

@@ -1,12 +1,14 @@
 """The model registry: a JSON file mapping model ids to pipeline folders, defaults and price.
 
 Read by the gateway (defaults, limits, price; no torch) and by the generator (which loads the
-pipelines). `${MODEL_DIR}` in a path is replaced by the configured model folder.
+pipelines). `${MODEL_DIR}` in a path (a pipeline's or a ControlNet's) is replaced by the
+configured model folder.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,13 @@ class ModelSpec:
     max_steps: int = 100
     max_variants: int = 8
     price_multiplier: float = 1.0
-    controlnets: tuple[str, ...] = field(default_factory=tuple)
+    # Rows per denoiser call: every batch runs at this fixed shape (padded), so a request's
+    # bytes do not depend on what it shares a batch with. 1: no batching. Part of the cache key.
+    max_batch: int = 1
+    # What the model can honour: the guidance image roles it uses, and its ControlNets (name ->
+    # ControlNetModel folder). Anything else a request asks for is refused.
+    guidance_roles: tuple[str, ...] = ()
+    controlnets: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,11 @@ def load_registry(path: Path, model_dir: Path) -> Registry:
     models = {}
     for entry in raw["models"]:
         entry["path"] = entry["path"].replace("${MODEL_DIR}", str(model_dir))
-        entry["controlnets"] = tuple(entry.get("controlnets", ()))
+        entry["guidance_roles"] = tuple(entry.get("guidance_roles", ()))
+        entry["controlnets"] = {
+            name: folder.replace("${MODEL_DIR}", str(model_dir))
+            for name, folder in entry.get("controlnets", {}).items()
+        }
         models[entry["id"]] = ModelSpec(**entry)
     if raw["default"] not in models:
         raise ValueError(f"{path}: default model {raw['default']!r} is not listed")

@@ -84,7 +84,12 @@ class CacheSettings(CommonSettings):
 class GeneratorSettings(CommonSettings):
     listen_addr: str = "127.0.0.1:50053"
     device: str = "cpu"
-    workers: int = Field(default=1, ge=0)
+    # Jobs in hand at once: the engine batches the variants of every job in hand.
+    workers: int = Field(default=4, ge=0)
+    # How long a batch that is not full waits for batch-mates.
+    batch_window_ms: float = Field(default=5.0, ge=0)
+    # Resident models' weights, in MiB (0: no limit); the least recently used are unloaded.
+    model_memory_budget_mb: int = Field(default=0, ge=0)
     consumer_name: str = ""
     job_max_attempts: int = 3
     # A running job's lease: renewed by its worker every third of it; when it runs out (the

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -22,13 +22,15 @@ from services.common.models import ModelSpec, Registry
 from services.common.objectstore import KEY_PATTERN
 
 # Bumped whenever a change alters the bytes produced for the same request.
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 
 MAX_PROMPT_CHARS = 2000
 MAX_GUIDANCE_IMAGES = 5
 MAX_SEED = 2**53 - 1  # exact in JSON numbers and JavaScript
 GUIDANCE_ROLES = ("reference", "style", "texture")
 CONTROLNET_NAMES = ("canny", "depth", "recoloring", "color_grid")
+# How much of a reference image img2img re-noises (1: all of it) when a request does not say.
+DEFAULT_STRENGTH = 0.75
 MAX_NAME_CHARS = 128  # model ids
 MAX_FIBO_DEPTH = 32  # nested objects and arrays; protobuf's Struct stops at 100
 MAX_FIBO_BYTES = 64 * 1024  # as compact UTF-8 JSON
@@ -38,6 +40,9 @@ MAX_FIBO_NUMBER = 2**53  # beyond it JSON numbers (doubles) are no longer exact 
 # error travels in trailers, which clients refuse past 8-16 KiB.
 MAX_REPORTED = 5
 MAX_PATH_CHARS = 256
+# Models of this family read FIBO structured prompts; a text prompt sent to one is turned into
+# the minimal structured prompt, `{"short_description": text}`, and the job says so.
+FIBO_FAMILY = "fibo"
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,11 @@ class Spec:
     guidance_scale: float | None = None
     guidance_images: tuple[GuidanceImage, ...] = ()
     controlnet: ControlNet | None = None
+    strength: float | None = None  # img2img from the reference image; resolved when there is one
+    preview_every: int = 0  # a preview event every that many steps (0: none); pixels unchanged
+    # What `resolve` changed about the request that the client should know (not pixels: the
+    # other fields say everything that decides those).
+    notices: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,15 +85,20 @@ class Spec:
     def from_json(cls, data: dict[str, Any]) -> Spec:
         controlnet = data.get("controlnet")
         return cls(
-            **{k: v for k, v in data.items() if k not in ("guidance_images", "controlnet")},
+            **{
+                k: v
+                for k, v in data.items()
+                if k not in ("guidance_images", "controlnet", "notices")
+            },
             guidance_images=tuple(GuidanceImage(**g) for g in data.get("guidance_images", ())),
             controlnet=ControlNet(**controlnet) if controlnet else None,
+            notices=tuple(data.get("notices", ())),
         )
 
     def text_prompt(self) -> str:
         """The text a text-conditioned pipeline and CLIP see (a FIBO prompt as canonical JSON)."""
         if self.fibo_json is not None:
-            return json.dumps(canonical_fibo(self.fibo_json), sort_keys=True)
+            return fibo_prompt_text(self.fibo_json)
         return self.prompt
 
     def reference_key(self) -> str:
@@ -107,6 +122,11 @@ def canonical_fibo(value: Any) -> Any:
     return value
 
 
+def fibo_prompt_text(fibo: dict[str, Any]) -> str:
+    """A FIBO prompt as the canonical JSON text its pipeline encodes."""
+    return json.dumps(canonical_fibo(fibo), sort_keys=True)
+
+
 def cache_keys(spec: Spec, model: ModelSpec) -> tuple[str, str]:
     """(seed-aware key, seed-agnostic key) of a resolved spec: SHA-256 over everything that
     changes the pixels, the engine and model versions included."""
@@ -114,6 +134,7 @@ def cache_keys(spec: Spec, model: ModelSpec) -> tuple[str, str]:
         "engine": ENGINE_VERSION,
         "model": model.id,
         "model_version": model.version,
+        "batch_shape": model.max_batch,  # the denoiser's fixed batch shape decides the last bits
         "prompt": normalize_prompt(spec.prompt),
         "fibo": canonical_fibo(spec.fibo_json) if spec.fibo_json is not None else None,
         "negative": normalize_prompt(spec.negative_prompt),
@@ -124,6 +145,8 @@ def cache_keys(spec: Spec, model: ModelSpec) -> tuple[str, str]:
         "guidance_images": [asdict(g) for g in spec.guidance_images],
         "controlnet": asdict(spec.controlnet) if spec.controlnet else None,
     }
+    if spec.strength is not None:  # absent otherwise, so that keys made before it stay valid
+        material["strength"] = spec.strength
 
     def digest(extra: dict[str, Any]) -> str:
         blob = json.dumps({**material, **extra}, sort_keys=True, separators=(",", ":"))
@@ -222,8 +245,12 @@ def json_value_problem(value: Any, depth: int, max_depth: int, multiline: bool) 
 
 
 def fibo_violations(fibo: Any, field: str = "fibo_json") -> list[FieldViolation]:
-    """Everything that makes a FIBO prompt unsafe to store, hash or render, each named by its
-    JSON path (`fibo_json.lighting.direction`)."""
+    """Everything that makes a FIBO prompt unsafe to store, hash or render, then (when it is
+    safe) where it does not fit FIBO's schema, each named by its JSON path
+    (`fibo_json.lighting.direction`)."""
+    # Imported here: services.common.fibo builds its paths with this module's json_path.
+    from services.common.fibo import fibo_schema_violations
+
     if not isinstance(fibo, dict):
         return [FieldViolation(field, "must be a JSON object")]
     bad: list[FieldViolation] = []
@@ -243,7 +270,7 @@ def fibo_violations(fibo: Any, field: str = "fibo_json") -> list[FieldViolation]
         size = len(json.dumps(fibo, ensure_ascii=False, separators=(",", ":")).encode())
         if size > MAX_FIBO_BYTES:
             bad.append(too_large)
-    return bad
+    return bad or fibo_schema_violations(fibo, field)
 
 
 def _finite(value: float) -> bool:
@@ -287,6 +314,8 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
         model = registry.get(spec.model)
     except InvalidArgument as error:
         raise InvalidArgument(error.violations + bad) from None
+    if model.family == FIBO_FAMILY and has_text and spec.fibo_json is None:
+        spec = structured_from_text(spec, model)
 
     width = spec.width or model.default_width
     height = spec.height or model.default_height
@@ -323,23 +352,61 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
     )
     for i, image in enumerate(spec.guidance_images):
         check(_valid_key(image.key), f"guidance_images[{i}].key", "not a valid upload key")
-        check(
-            image.role in GUIDANCE_ROLES, f"guidance_images[{i}].role", f"one of {GUIDANCE_ROLES}"
-        )
+        if image.role not in GUIDANCE_ROLES:
+            bad.append(FieldViolation(f"guidance_images[{i}].role", f"one of {GUIDANCE_ROLES}"))
+        elif image.role not in model.guidance_roles:
+            bad.append(
+                FieldViolation(
+                    f"guidance_images[{i}].role",
+                    f"model {model.id} cannot use a {image.role} image; "
+                    f"it takes {_listing(model.guidance_roles)}",
+                )
+            )
+    has_reference = any(g.role == "reference" for g in spec.guidance_images)
     if spec.controlnet is not None:
         name, weight = spec.controlnet.name, spec.controlnet.weight
-        check(name in CONTROLNET_NAMES, "controlnet.name", f"one of {CONTROLNET_NAMES}")
-        check(
-            name not in CONTROLNET_NAMES or name in model.controlnets,
-            "controlnet.name",
-            f"model {model.id} has no {name} ControlNet",
-        )
+        if name not in CONTROLNET_NAMES:
+            bad.append(FieldViolation("controlnet.name", f"one of {CONTROLNET_NAMES}"))
+        elif name not in model.controlnets:
+            bad.append(
+                FieldViolation(
+                    "controlnet.name",
+                    f"model {model.id} has no {name} ControlNet; "
+                    f"it has {_listing(model.controlnets)}",
+                )
+            )
         if _finite(weight):
             check(0.0 <= round(weight, 4) <= 1.0, "controlnet.weight", "must be between 0 and 1")
         else:
             bad.append(FieldViolation("controlnet.weight", "must be a finite number"))
-        mask = spec.controlnet.mask_key
-        check(not mask or _valid_key(mask), "controlnet.mask", "not a valid upload key")
+        if mask := spec.controlnet.mask_key:
+            no_mask = f"model {model.id} takes no ControlNet mask"
+            reason = no_mask if _valid_key(mask) else "not a valid upload key"
+            bad.append(FieldViolation("controlnet.mask", reason))
+        check(
+            has_reference,
+            "controlnet",
+            "needs a reference guidance image: its control image is made from it",
+        )
+    strength = spec.strength
+    if strength is None:
+        strength = DEFAULT_STRENGTH if has_reference else None
+    elif not has_reference:
+        bad.append(FieldViolation("strength", "only with a reference guidance image"))
+    elif not _finite(strength):
+        bad.append(FieldViolation("strength", "must be a finite number"))
+    else:
+        strength = round(strength, 4)
+        if not 0.0 < strength <= 1.0:
+            bad.append(FieldViolation("strength", "must be more than 0 and at most 1"))
+        elif 1 <= steps <= model.max_steps and int(steps * strength) < 1:
+            too_small = f"too small for {steps} steps: steps x strength must be at least 1"
+            bad.append(FieldViolation("strength", too_small))
+    check(
+        0 <= spec.preview_every <= model.max_steps,
+        "preview_every",
+        f"must be between 0 (no previews) and {model.max_steps}",
+    )
     if bad:
         raise InvalidArgument(bad)
     controlnet = spec.controlnet and replace(
@@ -355,7 +422,26 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
         steps=steps,
         guidance_scale=guidance,
         seed=seed,
+        strength=strength,
     )
+
+
+def structured_from_text(spec: Spec, model: ModelSpec) -> Spec:
+    """A text prompt for a FIBO model as the minimal structured prompt, with a notice."""
+    notice = (
+        f"prompt: model {model.id} reads FIBO structured prompts; the text prompt became"
+        " fibo_json.short_description"
+    )
+    return replace(
+        spec,
+        prompt="",
+        fibo_json={"short_description": spec.prompt.strip()},
+        notices=(*spec.notices, notice),
+    )
+
+
+def _listing(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names)) or "none"
 
 
 def _valid_key(key: str) -> bool:

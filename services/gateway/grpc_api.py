@@ -24,14 +24,30 @@ from services.common.convert import (
 from services.common.errors import InvalidArgument
 from services.gateway.cost import Cost
 from services.gateway.jobs import JobService
-from services.jobs.records import JobRecord
+from services.jobs.records import CacheMode, JobRecord
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+CACHE_MODES: dict[image_service_pb2.CacheMode.ValueType, CacheMode | None] = {
+    image_service_pb2.CACHE_MODE_UNSPECIFIED: None,
+    image_service_pb2.CACHE_MODE_USE: CacheMode.USE,
+    image_service_pb2.CACHE_MODE_REFRESH: CacheMode.REFRESH,
+    image_service_pb2.CACHE_MODE_OFF: CacheMode.OFF,
+}
+
+
+def cache_mode_from_pb(value: image_service_pb2.CacheMode.ValueType) -> CacheMode | None:
+    """The requested mode; None when unspecified (proto3 enums are open: refuse unknown ones)."""
+    if value not in CACHE_MODES:
+        names = [image_service_pb2.CacheMode.Name(v) for v in CACHE_MODES if v]
+        raise InvalidArgument.one("cache", f"one of {', '.join(names)}")
+    return CACHE_MODES[value]
 
 
 def cost_pb(cost: Cost) -> types_pb2.CostBreakdown:
     return types_pb2.CostBreakdown(
         base_cents=cost.base_cents,
+        steps_factor=cost.steps_factor,
         controlnet_cents=cost.controlnet_cents,
         guidance_cents=cost.guidance_cents,
         model_multiplier=cost.model_multiplier,
@@ -55,6 +71,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
                 request.idempotency_key,
                 request.seed_agnostic_cache,
                 request.skip_cache,
+                cache_mode_from_pb(request.cache),
             )
         except InvalidArgument as error:
             raise with_pb_fields(error) from None

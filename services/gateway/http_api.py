@@ -8,6 +8,7 @@ services.common.errors. It holds no logic of its own.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -49,7 +50,7 @@ from services.gateway.http_input import (
 from services.gateway.jobs import JobService
 from services.gateway.openapi import OPENAPI
 from services.gateway.uploads import MAX_UPLOAD_BYTES, check_upload, presign
-from services.jobs.records import JobRecord
+from services.jobs.records import CacheMode, JobRecord
 
 STATIC = Path(__file__).parent / "static"
 
@@ -71,6 +72,7 @@ def spec_from_json(body: dict[str, Any]) -> Spec:
             mask_key=raw.get("mask", str, ""),
         )
     guidance = fields.get("guidance_scale", (int, float), None)
+    strength = fields.get("strength", (int, float), None)
     spec = Spec(
         prompt=fields.get("prompt", str, ""),
         fibo_json=fields.get("fibo_json", dict, None),
@@ -84,9 +86,23 @@ def spec_from_json(body: dict[str, Any]) -> Spec:
         guidance_scale=float(guidance) if guidance is not None else None,
         guidance_images=tuple(images),
         controlnet=controlnet,
+        strength=float(strength) if strength is not None else None,
+        preview_every=fields.get("preview_every", int, 0),
     )
     fields.raise_if_bad()
     return spec
+
+
+def cache_mode_from_json(body: dict[str, Any]) -> CacheMode | None:
+    """The body's `cache`: "use", "refresh" or "off"; None when absent or null."""
+    fields = JsonObject(body)
+    value = fields.get("cache", str, None)
+    fields.raise_if_bad()
+    if value is None:
+        return None
+    if value not in CacheMode.__members__.values():
+        raise InvalidArgument.one("cache", f"one of {', '.join(m.value for m in CacheMode)}")
+    return CacheMode(value)
 
 
 def artifact_json(a: types_pb2.Artifact) -> dict[str, Any]:
@@ -119,6 +135,7 @@ def job_json(job: types_pb2.Job) -> dict[str, Any]:
         "cached_hit": job.cache_hit,
         "error": job.error,
         "attempts": job.attempts,
+        "notices": list(job.notices),
         "request": {
             "prompt": job.spec.text,
             "fibo_json": (
@@ -132,6 +149,7 @@ def job_json(job: types_pb2.Job) -> dict[str, Any]:
             "steps": job.spec.steps,
             "num_variants": job.spec.num_variants,
             "guidance_scale": round(job.spec.guidance_scale, 4),
+            "strength": round(job.spec.strength, 4) if job.spec.HasField("strength") else None,
             "negative_prompt": job.spec.negative_prompt,
         },
         "artifacts": [artifact_json(a) for a in job.artifacts],
@@ -145,6 +163,7 @@ def cost_json(cost: Cost) -> dict[str, Any]:
         "est_cost_cents": cost.total_cents,
         "breakdown": {
             "base_cents": cost.base_cents,
+            "steps_factor": cost.steps_factor,
             "controlnet_cents": cost.controlnet_cents,
             "guidance_cents": cost.guidance_cents,
             "model_multiplier": cost.model_multiplier,
@@ -176,6 +195,13 @@ def event_json(event: events_pb2.JobEvent) -> tuple[str, dict[str, Any]]:
             "percent": round(p.percent, 2),
             "eta_ms": p.eta_ms,
         }
+    if kind == "preview":
+        v = event.preview
+        return kind, {
+            "variant_index": v.variant_index,
+            "step": v.step,
+            "image": "data:image/png;base64," + base64.b64encode(v.image_png).decode(),
+        }
     if kind == "status":
         return kind, {
             "status": STATUS_FROM_PB.get(event.status.status, ""),
@@ -201,6 +227,7 @@ def build_app(jobs: JobService) -> Starlette:
             idempotency_key=request.headers.get("idempotency-key", ""),
             seed_agnostic_cache=json_flag(body, "seed_agnostic_cache"),
             skip_cache=json_flag(body, "skip_cache"),
+            cache=cache_mode_from_json(body),
         )
         job = signed(admission.job)
         return JSONResponse(
@@ -292,7 +319,8 @@ def build_app(jobs: JobService) -> Starlette:
                         "max_steps": m.max_steps,
                         "max_variants": m.max_variants,
                         "price_multiplier": m.price_multiplier,
-                        "controlnets": list(m.controlnets),
+                        "guidance_roles": list(m.guidance_roles),
+                        "controlnets": sorted(m.controlnets),
                     }
                     for m in served
                 ]

@@ -29,7 +29,7 @@ from services.gateway.cost import Cost, estimate
 from services.gateway.hub import EventHub
 from services.gateway.uploads import verify_stored_upload
 from services.jobs.lifecycle import Idempotency, JobLifecycle
-from services.jobs.records import JobRecord, JobStatus, encode_spec
+from services.jobs.records import CacheMode, JobRecord, JobStatus, encode_spec
 
 log = logging.getLogger("imagegen.gateway")
 
@@ -74,10 +74,13 @@ class JobService:
         idempotency_key: str = "",
         seed_agnostic_cache: bool = False,
         skip_cache: bool = False,
+        cache: CacheMode | None = None,
     ) -> Admission:
-        """Prices the request, answers from the cache when it can, else admits a queued job.
-        Admitted means stored in Postgres: the job will run even if Redis is away right now."""
-        idempotency = _idempotency(spec, idempotency_key, seed_agnostic_cache, skip_cache)
+        """Prices the request, answers from the cache when it can (`cache` USE, the default),
+        else admits a queued job that stores its result unless `cache` is OFF. Admitted means
+        stored in Postgres: the job will run even if Redis is away right now."""
+        mode = cache_mode(cache, skip_cache)
+        idempotency = _idempotency(spec, idempotency_key, seed_agnostic_cache, mode)
         resolved = resolve(spec, self._registry)
         await self._check_uploads(resolved)
         model = self._registry.get(resolved.model)
@@ -89,9 +92,10 @@ class JobService:
             spec=resolved,
             cache_key=key,
             cost_cents=cost.total_cents,
+            cache_mode=mode,
             engine_version=ENGINE_VERSION,
         )
-        hit = None if skip_cache else await self._lookup(resolved, seed_agnostic_cache)
+        hit = await self._lookup(resolved, seed_agnostic_cache) if mode is CacheMode.USE else None
         if hit is not None:
             # The cached images were made with the hit's seed: record that one.
             job = replace(
@@ -191,11 +195,25 @@ def _finished(job: types_pb2.Job) -> bool:
     )
 
 
+def cache_mode(requested: CacheMode | None, skip_cache: bool) -> CacheMode:
+    """The request's cache mode: `requested` (None when not given: USE), or REFRESH for the
+    older `skip_cache`, which always rendered and stored; both given must agree."""
+    if not skip_cache:
+        return requested or CacheMode.USE
+    if requested not in (None, CacheMode.REFRESH):
+        raise InvalidArgument.one(
+            "skip_cache",
+            f"is the older spelling of cache={CacheMode.REFRESH}; it contradicts cache={requested}",
+        )
+    return CacheMode.REFRESH
+
+
 def _idempotency(
-    spec: Spec, key: str, seed_agnostic_cache: bool, skip_cache: bool
+    spec: Spec, key: str, seed_agnostic_cache: bool, mode: CacheMode
 ) -> Idempotency | None:
     """The key with a digest of the request as the client sent it (before defaults and a
-    random seed are filled in), so that a retry matches and another request does not."""
+    random seed are filled in), so that a retry matches and another request does not. The
+    cache mode counts as resolved: `skip_cache` and `cache=refresh` are the same request."""
     if not key:
         return None
     if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
@@ -204,7 +222,15 @@ def _idempotency(
         )
     if (problem := text_problem(key)) is not None:
         raise InvalidArgument.one("idempotency_key", problem)
-    request = {"spec": encode_spec(spec), "seed_agnostic": seed_agnostic_cache, "skip": skip_cache}
+    # USE and REFRESH digest as they did as `skip` false and true before modes existed, so
+    # that a key taken then still matches its retry.
+    request: dict[str, object] = {
+        "spec": encode_spec(spec),
+        "seed_agnostic": seed_agnostic_cache,
+        "skip": mode is CacheMode.REFRESH,
+    }
+    if mode is CacheMode.OFF:
+        request["cache"] = mode.value
     digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     return Idempotency(key, digest)
 

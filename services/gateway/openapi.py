@@ -78,11 +78,24 @@ OPENAPI: dict[str, Any] = {
             )
         },
         "/api/jobs/{run_id}/cancel": {"post": _op("Cancel a job", "the job", parameters=_RUN_ID)},
-        "/api/cost/estimate": {"post": _op("Price a request", "the price", "GenerateRequest")},
+        "/api/cost/estimate": {
+            "post": _op(
+                "Price a request",
+                "{est_cost_cents, breakdown: {base_cents, steps_factor, controlnet_cents,"
+                " guidance_cents, model_multiplier}}: est_cost_cents is (base_cents x steps_factor"
+                " + controlnet_cents + guidance_cents) x model_multiplier, rounded up, at least 1",
+                "GenerateRequest",
+            )
+        },
         "/api/cache/lookup": {
             "post": _op("Look a request up in the prompt cache", "hit or miss", "GenerateRequest")
         },
-        "/api/models": {"get": _op("List the served models", "the models")},
+        "/api/models": {
+            "get": _op(
+                "List the served models",
+                "the models, with what each can honour: guidance_roles and controlnets",
+            )
+        },
         "/api/uploads/presign": {
             "post": _op(
                 "Presign the upload of a guidance image ({content_type, sha256, size_bytes})",
@@ -121,11 +134,45 @@ OPENAPI: dict[str, Any] = {
                         "properties": {
                             "name": {"enum": ["canny", "depth", "recoloring", "color_grid"]},
                             "weight": {"type": "number", "minimum": 0, "maximum": 1},
-                            "mask": {"type": "string"},
+                            "mask": {
+                                "type": "string",
+                                "description": "no served model takes a mask: refused",
+                            },
                         },
+                        "description": "needs a reference guidance image, which the control"
+                        " image is made from; the names a model has are in /api/models",
                     },
-                    "seed_agnostic_cache": {"type": "boolean"},
-                    "skip_cache": {"type": "boolean"},
+                    "strength": {
+                        "type": "number",
+                        "exclusiveMinimum": 0,
+                        "maximum": 1,
+                        "description": "img2img: how much of the reference guidance image is"
+                        " re-noised; only with a reference image (default 0.75 then)",
+                    },
+                    "preview_every": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "default": 0,
+                        "description": "a `preview` SSE event (a small PNG data URL of the"
+                        " latents, no VAE decode) every that many steps; 0: none",
+                    },
+                    "cache": {
+                        "enum": ["use", "refresh", "off"],
+                        "default": "use",
+                        "description": "use: answer from the cache when it can and store what is"
+                        " rendered; refresh: do not read, render and replace the cached result;"
+                        " off: neither read nor write",
+                    },
+                    "seed_agnostic_cache": {
+                        "type": "boolean",
+                        "description": "with cache=use, accept a cached result of any seed",
+                    },
+                    "skip_cache": {
+                        "type": "boolean",
+                        "deprecated": True,
+                        "description": "the older spelling of cache=refresh; refused with"
+                        " another cache mode",
+                    },
                     "refine_mode": {"type": "string"},
                     "meta": {"type": "object"},
                 },

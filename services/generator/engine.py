@@ -1,9 +1,15 @@
-"""The in-process engine that owns the device: queue workers and direct Generate calls share it.
+"""The in-process engine that owns the device: queue workers and direct Generate calls feed it.
 
-Renders run one at a time on a single device thread, one variant per pipeline call: variant i
-always runs alone with its own CPU generator seeded `seed + i`, so its bytes never depend on what
-else was running (diffusers' batched and solo outputs differ slightly; see DESIGN.md). Progress
-comes back from the device thread through an asyncio queue.
+Every variant to render is a row. Rows wait in one arrival-ordered list; the scheduler takes the
+oldest row, gathers the rows that may share its batch (same model and batch key: size, steps,
+guidance scale; the variants of one job and those of other jobs alike) up to the model's
+`max_batch`, waiting at most `batch_window_s` for more when the batch is not full, and runs the
+batch on the single device thread. A row never waits behind an incompatible one for longer than
+one batch: the next batch always starts from the oldest row left.
+
+A row's bytes do not depend on its batch (see services/generator/pipeline.py). Cancelling a job
+drops its rows at the next step; its batch-mates go on. Models stay resident within a memory
+budget, the least recently used unloaded first.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +33,14 @@ from imagegen.v1 import events_pb2
 from services.common.models import ModelSpec, Registry
 from services.common.objectstore import ObjectStore, content_key
 from services.common.spec import Spec
-from services.generator.pipeline import PipelineRunner, RenderRequest, encode_png
+from services.generator.pipeline import (
+    RenderRequest,
+    Runner,
+    StepCancelled,
+    encode_png,
+    latent_preview,
+    open_runner,
+)
 from services.jobs.records import ArtifactRecord
 
 log = logging.getLogger("imagegen.engine")
@@ -41,6 +56,21 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """The job's rows entered a stage: loading_model, encoding_prompt, denoising, decoding,
+    encoding_png."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Preview:
+    variant_index: int
+    step: int
+    png: bytes
+
+
+@dataclass(frozen=True)
 class Rendered:
     variant_index: int
     seed: int
@@ -50,49 +80,164 @@ class Rendered:
     height: int
     render_ms: float
     encode_ms: float
+    batch_size: int
+
+
+Update = Step | Stage | Preview | Rendered
+
+
+@dataclass(eq=False)
+class _Row:
+    """One variant waiting for, or in, a batch. `post` hands a message to its job's consumer
+    from any thread."""
+
+    model: str
+    variant_index: int
+    request: RenderRequest
+    cancel: threading.Event
+    post: Callable[[tuple[Any, ...]], None]
+    preview_every: int
+    ended: bool = False
+    steps_done: int = 0
+
+
+@dataclass
+class _Progress:
+    """One job's view of its rows, for percent and ETA."""
+
+    steps: int
+    todo: int
+    total: int
+    skipped: int
+    done: dict[int, int] = field(default_factory=dict)
+    step_seconds: float = 0.0
+
+    def step(self, variant_index: int, done: int, step_seconds: float) -> None:
+        self.done[variant_index] = done
+        self.step_seconds = step_seconds
+
+    def snapshot(self, max_batch: int) -> Step:
+        done = self.skipped + sum(self.done.values())
+        running = [d for d in self.done.values() if d < self.steps]
+        waiting = self.todo - len(self.done)
+        left_steps = (self.steps - min(running) if running else 0) + self.steps * math.ceil(
+            waiting / max(1, max_batch)
+        )
+        latest = max(self.done, key=lambda i: (self.done[i], -i))
+        return Step(
+            variant_index=latest,
+            step=self.done[latest],
+            total_steps=self.steps,
+            percent=100.0 * done / self.total,
+            eta_ms=int(1000 * self.step_seconds * left_steps),
+        )
 
 
 class Engine:
-    def __init__(self, registry: Registry, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        device: str = "cpu",
+        *,
+        batch_window_s: float = 0.005,
+        memory_budget_bytes: int = 0,
+    ) -> None:
         self._registry = registry
         self._device = device
-        self._runners: dict[str, PipelineRunner] = {}
-        # One device thread: renders queue here in arrival order.
+        self._window = batch_window_s
+        self._budget = memory_budget_bytes
+        self._runners: OrderedDict[str, Runner] = OrderedDict()  # least recently used first
+        self._pending: list[_Row] = []
+        self._arrived = asyncio.Event()
+        # One device thread: batches and model loads run there, one at a time.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self._load_lock = asyncio.Lock()
+        self._scheduler: asyncio.Task[None] | None = None
+        self.ready = False
+        self.batches = 0  # batches run, and their rows: for tests and benchmarks
+        self.batched_rows = 0
 
-    async def load(self, model_id: str = "") -> PipelineRunner:
-        """The model's pipeline, loaded (from_pretrained) on first use."""
+    @property
+    def resident(self) -> list[str]:
+        """Loaded models, least recently used first."""
+        return list(self._runners)
+
+    async def start(self, warm_up: bool = True) -> None:
+        """Starts the scheduler and loads the default model (with one small render, so the first
+        request pays no first-call costs); `ready` after that."""
+        if self._scheduler is None:
+            self._scheduler = asyncio.create_task(self._schedule())
+        if warm_up:
+            model = self._registry.get("")
+            runner = await self.load(model.id)
+            size = max(model.min_size, 8 * math.ceil(64 / 8))
+            request = RenderRequest("warm-up", "", size, size, 1, model.default_guidance, 0)
+            await self._on_device(_warm_up, runner, request)
+        self.ready = True
+
+    async def load(self, model_id: str = "") -> Runner:
+        """The model's runner, loaded (from_pretrained) on first use; loading one that would
+        exceed the memory budget unloads the least recently used first."""
         model = self._registry.get(model_id)
         async with self._load_lock:
-            if model.id not in self._runners:
-                self._runners[model.id] = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._load, model
-                )
-        return self._runners[model.id]
+            runner = self._runners.get(model.id)
+            if runner is not None:
+                self._runners.move_to_end(model.id)
+                return runner
+            self._make_room(model)
+            loaded: Runner = await self._on_device(self._load, model)
+            self._runners[model.id] = loaded
+            return loaded
 
-    def _load(self, model: ModelSpec) -> PipelineRunner:
+    def _make_room(self, model: ModelSpec) -> None:
+        if not self._budget:
+            return
+        needed = _folder_bytes(Path(model.path))
+        while self._runners and self._resident_bytes() + needed > self._budget:
+            evicted, _ = self._runners.popitem(last=False)
+            log.info("unloaded %s to make room for %s", evicted, model.id)
+
+    def _resident_bytes(self) -> int:
+        return sum(runner.memory_bytes() for runner in self._runners.values())
+
+    def _load(self, model: ModelSpec) -> Runner:
         started = time.perf_counter()
-        runner = PipelineRunner(Path(model.path), dtype=model.dtype, device=self._device)
+        runner = open_runner(model, self._device)
         log.info("loaded %s in %.2fs", model.id, time.perf_counter() - started)
         return runner
 
+    async def _on_device(self, work: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+
     async def render(
-        self, spec: Spec, cancel: threading.Event, variants: Sequence[int] | None = None
-    ) -> AsyncIterator[Step | Rendered]:
+        self,
+        spec: Spec,
+        cancel: threading.Event,
+        variants: Sequence[int] | None = None,
+        guidance: Any = None,
+        preview_every: int = 0,
+    ) -> AsyncIterator[Update]:
         """Renders a resolved spec (only `variants`, when given: a resumed job renders what it
-        lacks): a Step after every denoising step, a Rendered per variant. Setting `cancel`
-        (or closing the iterator) stops at the next step with StepCancelled."""
+        lacks): Stage changes, a Step after denoising steps, a Preview every `preview_every`
+        steps, a Rendered per variant, in the order they finish. Setting `cancel` (or closing
+        the iterator) drops the job's rows at the next step, with StepCancelled."""
         assert spec.seed is not None
-        runner = await self.load(spec.model)
+        if self._scheduler is None:
+            await self.start(warm_up=False)
         loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+        def post(message: tuple[Any, ...]) -> None:
+            loop.call_soon_threadsafe(updates.put_nowait, message)
+
         todo = list(range(spec.num_variants) if variants is None else variants)
-        total = spec.steps * spec.num_variants
-        skipped = spec.steps * (spec.num_variants - len(todo))
-        started = time.perf_counter()
-        try:
-            for position, index in enumerate(todo):
-                request = RenderRequest(
+        if not todo:
+            return
+        rows = [
+            _Row(
+                model=self._registry.get(spec.model).id,
+                variant_index=index,
+                request=RenderRequest(
                     prompt=spec.text_prompt(),
                     negative_prompt=spec.negative_prompt,
                     width=spec.width,
@@ -100,61 +245,221 @@ class Engine:
                     steps=spec.steps,
                     guidance_scale=spec.guidance_scale or 0.0,
                     seed=spec.seed + index,
-                )
-                updates: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-                def put(kind: str, value: Any, updates: asyncio.Queue[Any] = updates) -> None:
-                    loop.call_soon_threadsafe(updates.put_nowait, (kind, value))
-
-                loop.run_in_executor(self._executor, _run_one, runner, request, cancel, put)
-                while True:
-                    kind, value = await updates.get()
+                    guidance=guidance,
+                ),
+                cancel=cancel,
+                post=post,
+                preview_every=preview_every,
+            )
+            for index in todo
+        ]
+        progress = _Progress(
+            steps=spec.steps,
+            todo=len(todo),
+            total=spec.steps * spec.num_variants,
+            skipped=spec.steps * (spec.num_variants - len(todo)),
+        )
+        max_batch = self._runners[rows[0].model].max_batch if rows[0].model in self._runners else 1
+        self._pending += rows
+        self._arrived.set()
+        stage = ""
+        left = len(rows)
+        try:
+            while left:
+                message = await updates.get()
+                stepped = False
+                while True:  # everything already posted: steps of a batch coalesce into one
+                    kind = message[0]
                     if kind == "step":
-                        ran = position * spec.steps + value
-                        done = skipped + ran
-                        elapsed = time.perf_counter() - started
-                        yield Step(
-                            variant_index=index,
-                            step=value,
-                            total_steps=spec.steps,
-                            percent=100.0 * done / total,
-                            eta_ms=int(1000 * elapsed / ran * (total - done)) if ran else 0,
-                        )
+                        _, index, done, seconds = message
+                        progress.step(index, done, seconds)
+                        stepped = True
+                    elif kind == "stage" and message[1] != stage:
+                        stage = message[1]
+                        yield Stage(stage)
+                    elif kind == "preview":
+                        yield Preview(*message[1:])
                     elif kind == "error":
-                        raise value
-                    else:
-                        png, render_ms, encode_ms = value
-                        yield Rendered(
-                            variant_index=index,
-                            seed=request.seed,
-                            png=png,
-                            sha256=hashlib.sha256(png).hexdigest(),
-                            width=spec.width,
-                            height=spec.height,
-                            render_ms=render_ms,
-                            encode_ms=encode_ms,
-                        )
+                        raise message[1]
+                    elif kind == "done":
+                        left -= 1
+                        if stepped:
+                            yield progress.snapshot(max_batch)
+                            stepped = False
+                        yield message[1]
+                    if updates.empty():
                         break
+                    message = updates.get_nowait()
+                if stepped:
+                    yield progress.snapshot(max_batch)
         finally:
-            cancel.set()  # a consumer that stops early stops the device thread too
+            cancel.set()  # a consumer that stops early drops its rows too
+            self._pending = [row for row in self._pending if row not in rows]
+
+    async def _schedule(self) -> None:
+        """Forms and runs batches, oldest row first, for as long as the engine lives."""
+        while True:
+            await self._arrived.wait()
+            self._drop_cancelled()
+            if not self._pending:
+                self._arrived.clear()
+                continue
+            try:
+                await self._next_batch(self._pending[0])
+            except Exception:  # a bug; the rows in hand were told, the next batch goes on
+                log.exception("batch scheduling failed")
+
+    async def _next_batch(self, head: _Row) -> None:
+        if head.model not in self._runners:
+            for row in self._pending:
+                if row.model == head.model:
+                    row.post(("stage", "loading_model"))
+        try:
+            runner = await self.load(head.model)
+        except Exception as error:  # noqa: BLE001 - handed to the rows' consumers
+            for row in [r for r in self._pending if r.model == head.model]:
+                self._end(row, ("error", error))
+            return
+        batch = self._compatible(head, runner)
+        if len(batch) < runner.max_batch and self._window:
+            await asyncio.sleep(self._window)  # a short wait for batch-mates
+            self._drop_cancelled()
+            if head not in self._pending:
+                return
+            batch = self._compatible(head, runner)
+        self._pending = [row for row in self._pending if row not in batch]
+        await self._on_device(_run_batch, runner, batch)
+        self.batches += 1
+        self.batched_rows += len(batch)
+
+    def _compatible(self, head: _Row, runner: Runner) -> list[_Row]:
+        key = runner.batch_key(head.request)
+        if key is None:
+            return [head]
+        return [
+            row
+            for row in self._pending
+            if row.model == head.model and runner.batch_key(row.request) == key
+        ][: runner.max_batch]
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r in self._pending if r.cancel.is_set()]:
+            self._end(row, ("error", StepCancelled(0, row.request.steps)))
+
+    def _end(self, row: _Row, message: tuple[Any, ...]) -> None:
+        if row in self._pending:
+            self._pending.remove(row)
+        if not row.ended:
+            row.ended = True
+            row.post(message)
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _run_one(
-    runner: PipelineRunner, request: RenderRequest, cancel: threading.Event, put: Any
-) -> None:
-    """Runs on the device thread: render, encode, report."""
+class _Watch:
+    """The BatchWatch of one batch: fans the batch's steps, stages and previews out to its
+    rows' consumers (on the device thread)."""
+
+    def __init__(self, rows: Sequence[_Row]) -> None:
+        self._rows = rows
+        self._last = time.perf_counter()
+
+    def stage(self, name: str) -> None:
+        for row in self._rows:
+            if not row.ended:
+                row.post(("stage", name))
+
+    def step(self, done: int, total: int, latents: Any) -> None:
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        for i, row in enumerate(self._rows):
+            if row.ended:
+                continue
+            row.steps_done = done
+            row.post(("step", row.variant_index, done, seconds))
+            every = row.preview_every
+            if every and latents is not None and done % every == 0 and done < total:
+                row.post(("preview", row.variant_index, done, latent_preview(latents[i])))
+
+    def dropped(self, row: int) -> bool:
+        r = self._rows[row]
+        if not r.ended and r.cancel.is_set():
+            r.ended = True
+            r.post(("error", StepCancelled(r.steps_done, r.request.steps)))
+        return r.ended
+
+
+def _run_batch(runner: Runner, rows: Sequence[_Row]) -> None:
+    """Runs on the device thread: render the batch, encode each image, report to each row."""
+    watch = _Watch(rows)
     started = time.perf_counter()
     try:
-        image = runner.render(request, lambda step, total: put("step", step), cancel.is_set)
-        rendered = time.perf_counter()
+        images = runner.render([row.request for row in rows], watch)
+    except StepCancelled as stopped:
+        for row in rows:
+            _finish(row, ("error", StepCancelled(stopped.steps_done, stopped.total_steps)))
+        return
+    except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutines
+        for row in rows:
+            _finish(row, ("error", error))
+        return
+    render_ms = (time.perf_counter() - started) * 1e3
+    watch.stage("encoding_png")
+    for row, image in zip(rows, images, strict=True):
+        if image is None or row.ended:
+            _finish(row, ("error", StepCancelled(row.steps_done, row.request.steps)))
+            continue
+        encoding = time.perf_counter()
         png = encode_png(image)
-        encoded = time.perf_counter()
-        put("done", (png, (rendered - started) * 1e3, (encoded - rendered) * 1e3))
-    except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
-        put("error", error)
+        _finish(
+            row,
+            (
+                "done",
+                Rendered(
+                    variant_index=row.variant_index,
+                    seed=row.request.seed,
+                    png=png,
+                    sha256=hashlib.sha256(png).hexdigest(),
+                    width=image.width,
+                    height=image.height,
+                    render_ms=render_ms,
+                    encode_ms=(time.perf_counter() - encoding) * 1e3,
+                    batch_size=len(rows),
+                ),
+            ),
+        )
+
+
+def _finish(row: _Row, message: tuple[Any, ...]) -> None:
+    if not row.ended:
+        row.ended = True
+        row.post(message)
+
+
+class _Quiet:
+    """The BatchWatch of a render nobody watches (the warm-up)."""
+
+    def stage(self, name: str) -> None:
+        pass
+
+    def step(self, done: int, total: int, latents: Any) -> None:
+        pass
+
+    def dropped(self, row: int) -> bool:
+        return False
+
+
+def _warm_up(runner: Runner, request: RenderRequest) -> None:
+    runner.render([request], _Quiet())
+
+
+def _folder_bytes(path: Path) -> int:
+    """Weights on disk: what a model will take once loaded, near enough to plan by."""
+    suffixes = {".safetensors", ".bin", ".pt", ".pth"}
+    return sum(f.stat().st_size for f in path.rglob("*") if f.suffix in suffixes)
 
 
 def progress_event(step: Step) -> events_pb2.ProgressEvent:

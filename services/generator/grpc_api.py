@@ -10,12 +10,13 @@ import grpc
 from imagegen.v1 import events_pb2, generator_service_pb2_grpc
 from imagegen.v1 import generator_service_pb2 as pb
 
-from services.common.convert import artifact_to_pb, spec_from_pb, with_pb_fields
+from services.common.convert import artifact_to_pb, roles_to_pb, spec_from_pb, with_pb_fields
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.models import Registry
 from services.common.objectstore import ObjectStore
 from services.common.spec import resolve
-from services.generator.engine import Engine, Step, progress_event, save_image
+from services.generator.engine import Engine, Rendered, Step, progress_event, save_image
+from services.generator.guidance import load_guidance
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -37,9 +38,12 @@ class GeneratorServicer(generator_service_pb2_grpc.GeneratorServiceServicer):
         except InvalidArgument as error:
             raise with_pb_fields(error) from None
         cancel = threading.Event()  # set by the engine when this stream is closed early
-        async for item in self._engine.render(spec, cancel):
+        guidance = await load_guidance(spec, self._objects)
+        async for item in self._engine.render(spec, cancel, guidance=guidance):
             if isinstance(item, Step):
                 yield pb.GenerateResponse(progress=progress_event(item))
+                continue
+            if not isinstance(item, Rendered):  # stages and previews: jobs' events only
                 continue
             artifact = await save_image(self._objects, item, job_id="")
             yield pb.GenerateResponse(
@@ -65,6 +69,8 @@ class GeneratorServicer(generator_service_pb2_grpc.GeneratorServiceServicer):
                     max_size_px=m.max_size,
                     size_multiple_px=m.size_multiple,
                     max_steps=m.max_steps,
+                    guidance_roles=roles_to_pb(m.guidance_roles),
+                    controlnets=sorted(m.controlnets),
                 )
                 for m in self._registry.models.values()
             ]

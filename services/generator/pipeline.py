@@ -1,26 +1,35 @@
-"""Render one image from a diffusers pipeline folder, step by step, reproducibly.
+"""Render images from a diffusers pipeline folder, step by step, reproducibly, in batches that do
+not change the bytes.
 
-`PipelineRunner` loads a pipeline folder with `DiffusionPipeline.from_pretrained` (the path real
-SD 1.5 weights take too) and renders one variant per call. The caller sees every finished
-denoising step through `on_step` and can stop a render between steps through `should_stop`.
-Rendering is synchronous; callers run it in a worker thread.
+`SdRunner` loads a Stable-Diffusion-family folder with `DiffusionPipeline.from_pretrained` (the
+path real SD 1.5 weights take too) and renders a batch of requests in one pipeline call. The
+caller sees every finished denoising step through a `BatchWatch` and can drop any row between
+steps (the batch stops when every row is dropped).
 
-Same model files, request and hardware class give the same pixels, in any call and any process:
-each render draws its noise from its own CPU `torch.Generator` seeded with the request's seed,
-and `encode_png` turns identical pixels into identical bytes.
+Same bytes, alone or batched, by construction:
+- the denoiser always runs at the model's fixed batch shape (`max_batch` rows, plus the
+  classifier-free-guidance half), padded with copies of the first row: a row's arithmetic is
+  then the same whatever its position or its batch-mates (CPU and GPU kernels pick their
+  blocking by shape, so a different batch size could change the last bit of a value);
+- each row's prompt is encoded alone (padded to the tokenizer's fixed length) and its starting
+  noise drawn alone from its own CPU `torch.Generator` seeded with the row's seed;
+- each row is decoded alone, and `encode_png` turns identical pixels into identical bytes.
+Only schedulers whose steps draw no noise are batched (an ancestral sampler draws the noise of
+the whole batch from one generator); a model with another scheduler renders one row at a time.
 """
 
 from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
+from services.common.models import ModelSpec
 from services.common.torch_compat import prepare_torch
 
 prepare_torch()
@@ -37,11 +46,32 @@ DTYPES: dict[str, torch.dtype] = {
 PNG_COMPRESS_LEVEL = 6
 # Stable Diffusion's VAE works on 8x8 pixel blocks.
 _SIZE_MULTIPLE = 8
+# Schedulers whose step() draws no random numbers (DDIM with the pipelines' eta = 0).
+_NOISELESS_SCHEDULERS = frozenset(
+    {
+        "DDIMScheduler",
+        "PNDMScheduler",
+        "EulerDiscreteScheduler",
+        "LMSDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+    }
+)
+# Latent -> RGB for previews without a VAE decode: SD 1.x latent channels projected on RGB.
+_SD_LATENT_RGB = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
 
 
 @dataclass(frozen=True)
 class RenderRequest:
-    """What one variant needs: variant i of a job carries the job's seed + i."""
+    """What one image needs: variant i of a job carries the job's seed + i. `guidance` is a
+    loaded `services.generator.guidance.Guidance` (reference / ControlNet images) or None."""
 
     prompt: str
     negative_prompt: str
@@ -50,10 +80,11 @@ class RenderRequest:
     steps: int
     guidance_scale: float
     seed: int
+    guidance: Any = None
 
 
 class StepCancelled(Exception):
-    """A render stopped because `should_stop()` returned True; `steps_done` steps had run."""
+    """A render stopped because it was told to; `steps_done` steps had run."""
 
     def __init__(self, steps_done: int, total_steps: int) -> None:
         super().__init__(f"render cancelled after {steps_done} of {total_steps} steps")
@@ -61,12 +92,50 @@ class StepCancelled(Exception):
         self.total_steps = total_steps
 
 
-class PipelineRunner:
-    """One loaded pipeline on one device; renders one request at a time."""
+class BatchWatch(Protocol):
+    """How a batch reports to the engine (called on the device thread)."""
 
-    def __init__(self, model_path: Path, dtype: str = "float32", device: str = "cpu") -> None:
+    def stage(self, name: str) -> None: ...
+
+    def step(self, done: int, total: int, latents: torch.Tensor | None) -> None: ...
+
+    def dropped(self, row: int) -> bool:
+        """True once row `row` is no longer wanted (its job was cancelled)."""
+        ...
+
+
+class Runner(Protocol):
+    """One loaded model on one device. `batch_key` says which requests may share a batch
+    (None: this one renders alone); `render` renders them, an image per row (None for a row
+    dropped meanwhile)."""
+
+    max_batch: int
+
+    def batch_key(self, request: RenderRequest) -> Hashable | None: ...
+
+    def render(
+        self, requests: Sequence[RenderRequest], watch: BatchWatch
+    ) -> list[Image.Image | None]: ...
+
+    def memory_bytes(self) -> int: ...
+
+
+class SdRunner:
+    """A Stable-Diffusion-family pipeline: text-to-image in batches of the fixed shape
+    `max_batch`; image-to-image and ControlNet one row at a time (see guidance.py)."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_batch: int = 1,
+        controlnets: Mapping[str, Path] | None = None,
+    ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
@@ -77,52 +146,189 @@ class PipelineRunner:
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         self._pipe = pipe
+        noiseless = type(pipe.scheduler).__name__ in _NOISELESS_SCHEDULERS
+        self.max_batch = max_batch if noiseless else 1
+        self._controlnet_paths = dict(controlnets or {})
+        self._guided: Any = None  # loaded on the first guided request
         # A diffusers pipeline keeps per-call state on itself: one render at a time.
         self._lock = threading.Lock()
 
-    def render(
+    def batch_key(self, request: RenderRequest) -> Hashable | None:
+        if request.guidance is not None:
+            return None
+        return (request.width, request.height, request.steps, request.guidance_scale)
+
+    def memory_bytes(self) -> int:
+        return module_bytes(self._pipe.components.values())
+
+    def render_one(
         self,
-        req: RenderRequest,
+        request: RenderRequest,
         on_step: Callable[[int, int], None],
         should_stop: Callable[[], bool],
     ) -> Image.Image:
-        """Render `req`; call `on_step(done, total)` after each step.
+        """One request alone (at the fixed batch shape); StepCancelled when `should_stop()`."""
+        watch = _OneRow(on_step, should_stop)
+        image = self.render([request], watch)[0]
+        if image is None:
+            raise StepCancelled(watch.done, request.steps)
+        return image
 
-        Raises StepCancelled at the first check (before the first step, then after each step)
-        where `should_stop()` is True, and ValueError for a size or step count the model cannot
-        take.
-        """
-        _check_request(req)
-        if should_stop():
-            raise StepCancelled(0, req.steps)
+    def render(
+        self, requests: Sequence[RenderRequest], watch: BatchWatch
+    ) -> list[Image.Image | None]:
+        for request in requests:
+            _check_request(request)
+        with self._lock, torch.inference_mode():
+            if requests[0].guidance is not None:
+                return [self._render_guided(requests[0], watch)]
+            return self._render_text(requests, watch)
 
-        def step_end(
-            pipe: Any, step_index: int, timestep: Any, tensors: dict[str, Any]
-        ) -> dict[str, Any]:
-            # Some schedulers run more than one model evaluation per requested step; the
-            # pipeline knows the real count once its timesteps are set.
-            total = int(getattr(pipe, "num_timesteps", req.steps))
-            done = step_index + 1
-            on_step(done, total)
-            if should_stop():
-                raise StepCancelled(done, total)
+    def _render_text(
+        self, requests: Sequence[RenderRequest], watch: BatchWatch
+    ) -> list[Image.Image | None]:
+        if len(requests) > self.max_batch:
+            raise ValueError(f"{len(requests)} rows in a batch of {self.max_batch}")
+        pipe, first = self._pipe, requests[0]
+        if all(watch.dropped(i) for i in range(len(requests))):
+            raise StepCancelled(0, first.steps)
+        watch.stage("encoding_prompt")
+        embeds, negatives = zip(*(self._encode(r) for r in requests), strict=True)
+        latents = [self._noise(r) for r in requests]
+        pad = self.max_batch - len(requests)
+
+        def padded(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([*rows, *[rows[0]] * pad])
+
+        def step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+            total = int(getattr(pipe, "num_timesteps", first.steps))
+            watch.step(index + 1, total, tensors["latents"][: len(requests)])
+            if all(watch.dropped(i) for i in range(len(requests))):
+                raise StepCancelled(index + 1, total)
             return tensors
 
-        generator = torch.Generator(device="cpu").manual_seed(req.seed)
-        with self._lock, torch.inference_mode():
-            output = self._pipe(
-                prompt=req.prompt,
-                negative_prompt=req.negative_prompt or None,
-                width=req.width,
-                height=req.height,
-                num_inference_steps=req.steps,
-                guidance_scale=req.guidance_scale,
-                generator=generator,
-                output_type="pil",
-                callback_on_step_end=step_end,
-            )
-        image: Image.Image = output.images[0]
+        watch.stage("denoising")
+        output = pipe(
+            prompt_embeds=padded(embeds),
+            negative_prompt_embeds=padded(negatives),
+            latents=padded(latents),
+            width=first.width,
+            height=first.height,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            output_type="latent",
+            callback_on_step_end=step_end,
+        )
+        watch.stage("decoding")
+        images: list[Image.Image | None] = []
+        for i in range(len(requests)):
+            images.append(None if watch.dropped(i) else self._decode(output.images[i : i + 1]))
+        return images
+
+    def _encode(self, request: RenderRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        positive, negative = self._pipe.encode_prompt(
+            request.prompt,
+            self.device,
+            1,
+            True,
+            request.negative_prompt or "",
+        )
+        return positive, negative
+
+    def _noise(self, request: RenderRequest) -> torch.Tensor:
+        pipe = self._pipe
+        shape = (
+            1,
+            pipe.unet.config.in_channels,
+            request.height // pipe.vae_scale_factor,
+            request.width // pipe.vae_scale_factor,
+        )
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        noise = torch.randn(shape, generator=generator, dtype=DTYPES[self.dtype])
+        return noise.to(self.device)
+
+    def _decode(self, latents: torch.Tensor) -> Image.Image:
+        vae = self._pipe.vae
+        decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        images = self._pipe.image_processor.postprocess(decoded, output_type="pil")
+        image: Image.Image = images[0]
         return image
+
+    def _render_guided(self, request: RenderRequest, watch: BatchWatch) -> Image.Image | None:
+        from services.generator import guidance
+
+        if self._guided is None:
+            self._guided = guidance.load_controlnets_from(
+                self._controlnet_paths, self.dtype, self.device
+            )
+        watch.stage("denoising")
+        try:
+            image: Image.Image = guidance.render_guided(
+                self._pipe,
+                self._guided,
+                request.guidance,
+                request.prompt,
+                request.negative_prompt,
+                request.width,
+                request.height,
+                request.steps,
+                request.guidance_scale,
+                request.seed,
+                on_step=lambda done, total: watch.step(done, total, None),
+                should_stop=lambda: watch.dropped(0),
+            )
+        except StepCancelled:
+            return None
+        return image
+
+
+class _OneRow:
+    """A BatchWatch for one request rendered on its own."""
+
+    def __init__(self, on_step: Callable[[int, int], None], should_stop: Callable[[], bool]):
+        self._on_step = on_step
+        self._should_stop = should_stop
+        self.done = 0
+
+    def stage(self, name: str) -> None:
+        pass
+
+    def step(self, done: int, total: int, latents: torch.Tensor | None) -> None:
+        self.done = done
+        self._on_step(done, total)
+
+    def dropped(self, row: int) -> bool:
+        return self._should_stop()
+
+
+def open_runner(model: ModelSpec, device: str) -> Runner:
+    """The runner of the model's family, loaded from its folder."""
+    if model.family == "sd":
+        return SdRunner(
+            Path(model.path),
+            dtype=model.dtype,
+            device=device,
+            max_batch=model.max_batch,
+            controlnets={name: Path(path) for name, path in model.controlnets.items()},
+        )
+    if model.family == "fibo":
+        from services.generator.fibo import FiboRunner
+
+        return FiboRunner(Path(model.path), dtype=model.dtype, device=device)
+    raise ValueError(f"model {model.id}: unknown family {model.family!r}")
+
+
+def latent_preview(latents: torch.Tensor) -> bytes:
+    """A small PNG of one row's latents, projected to RGB without the VAE (one pixel per latent
+    cell): cheap enough to send every few steps."""
+    values = latents.detach().float().cpu()
+    if values.shape[0] == len(_SD_LATENT_RGB):
+        rgb = torch.einsum("chw,cr->rhw", values, torch.tensor(_SD_LATENT_RGB))
+    else:  # another latent space: its first three channels, scaled
+        rgb = values[:3] / (values[:3].abs().amax() + 1e-6)
+    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    image = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    return encode_png(image)
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -134,6 +340,15 @@ def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     bare.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
     return buffer.getvalue()
+
+
+def module_bytes(components: Any) -> int:
+    total = 0
+    for component in components:
+        if isinstance(component, torch.nn.Module):
+            for tensor in (*component.parameters(), *component.buffers()):
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def _check_request(req: RenderRequest) -> None:

@@ -42,7 +42,12 @@ async def start(settings: GeneratorSettings) -> Service:
     redis = connect_redis(settings.redis_url)
     registry = load_registry(settings.model_registry, settings.model_dir)
     objects = open_store(settings)
-    engine = Engine(registry, settings.device)
+    engine = Engine(
+        registry,
+        settings.device,
+        batch_window_s=settings.batch_window_ms / 1e3,
+        memory_budget_bytes=settings.model_memory_budget_mb * 2**20,
+    )
     servicer = GeneratorServicer(engine, registry, objects)
     running = await start_server(
         settings.listen_addr,
@@ -57,7 +62,7 @@ async def start(settings: GeneratorSettings) -> Service:
         settings.max_message_bytes,
         serving=False,
     )
-    await engine.load()
+    await engine.start()
     servicer.ready = True
 
     channels = [

@@ -2,7 +2,7 @@
 record the result in the cache, and end the job. Every change of the job goes through the
 JobLifecycle, guarded by this worker's attempt.
 
-Nothing a store does kills a worker: a blip is retried with backoff (services/jobs/retry.py); a
+Nothing a store does kills a worker: a blip is retried with backoff (services/common/retry.py); a
 job whose attempt cannot go on is left to its lease, which runs out and lets the reconciler queue
 it again. An attempt resumes where the last one stopped: variants already stored are not
 rendered again, and a job already scored is not scored again.
@@ -27,11 +27,12 @@ from services.common.objectstore import ObjectStore
 from services.common.queue import Delivery, JobQueue
 from services.common.retry import is_blip, through_blips
 from services.evaluator.client import EvaluatorClient
-from services.generator.engine import Engine, Step, progress_event, save_image
+from services.generator.engine import Engine, Preview, Stage, Step, progress_event, save_image
+from services.generator.guidance import load_guidance
 from services.generator.pipeline import StepCancelled
 from services.jobs.cancels import CancelListener, CancelToken
 from services.jobs.lifecycle import JobLifecycle
-from services.jobs.records import ArtifactRecord, Attempt
+from services.jobs.records import ArtifactRecord, Attempt, CacheMode
 
 log = logging.getLogger("imagegen.worker")
 
@@ -132,11 +133,13 @@ class QueueWorker:
             await self._render(attempt, missing, token, stored)
         artifacts = [stored[i] for i in range(job.spec.num_variants)]
         if not all(a.scored for a in artifacts):
+            await _best_effort(self._lifecycle.stage(attempt, "evaluating"))
             artifacts = await self._until_cancelled(self._evaluate(attempt, artifacts), token)
-        try:
-            await self._cache.store(job.spec, job.id, artifacts)
-        except Exception:  # the images are safe; only their reuse is lost
-            log.warning("job %s: cache store failed", job.id, exc_info=True)
+        if job.cache_mode is not CacheMode.OFF:
+            try:
+                await self._cache.store(job.spec, job.id, artifacts)
+            except Exception:  # the images are safe; only their reuse is lost
+                log.warning("job %s: cache store failed", job.id, exc_info=True)
         await self._write(attempt, lambda: self._lifecycle.complete(attempt))
 
     async def _render(
@@ -146,18 +149,29 @@ class QueueWorker:
         token: CancelToken,
         stored: dict[int, ArtifactRecord],
     ) -> None:
+        spec = attempt.job.spec
+        guidance = await through_blips(
+            partial(load_guidance, spec, self._objects), f"job {attempt.job_id}: guidance images"
+        )
         last_persisted = 0.0
-        async for item in self._engine.render(attempt.job.spec, token.flag, variants):
+        renders = self._engine.render(spec, token.flag, variants, guidance, spec.preview_every)
+        async for item in renders:
             if isinstance(item, Step):
                 persist = time.monotonic() - last_persisted > PROGRESS_DB_INTERVAL_SECONDS
                 if persist:
                     last_persisted = time.monotonic()
-                try:
-                    await self._lifecycle.progress(attempt, progress_event(item), persist)
-                except Exception as error:  # progress is best effort
-                    if not is_blip(error):
-                        raise
+                await _best_effort(self._lifecycle.progress(attempt, progress_event(item), persist))
                 continue
+            if isinstance(item, Stage):
+                await _best_effort(self._lifecycle.stage(attempt, item.name))
+                continue
+            if isinstance(item, Preview):
+                preview = events_pb2.PreviewEvent(
+                    variant_index=item.variant_index, step=item.step, image_png=item.png
+                )
+                await _best_effort(self._lifecycle.preview(attempt, preview))
+                continue
+            await _best_effort(self._lifecycle.stage(attempt, "uploading"))
             started = time.perf_counter()
             artifact = await through_blips(
                 partial(save_image, self._objects, item, attempt.job_id),
@@ -234,6 +248,15 @@ class QueueWorker:
             if not held:
                 token.set()
                 return
+
+
+async def _best_effort(announcement: Awaitable[None]) -> None:
+    """Progress, stages and previews: a store blip loses the announcement, not the job."""
+    try:
+        await announcement
+    except Exception as error:
+        if not is_blip(error):
+            raise
 
 
 def _ids(attempt: Attempt) -> tuple[str, int]:

@@ -38,6 +38,7 @@ from services.common.retry import StoreUnavailable, is_blip
 from services.jobs.records import (
     ArtifactRecord,
     Attempt,
+    CacheMode,
     JobRecord,
     JobStatus,
     decode_spec,
@@ -51,8 +52,8 @@ CANCEL_CHANNEL = "imagegen:cancel"
 ACQUIRE_TIMEOUT_SECONDS = 5.0
 
 _JOB_COLUMNS = (
-    "id, status, stage, progress_percent, spec, cache_key, cost_cents, cache_hit, error,"
-    " retryable, attempts, engine_version, evaluator_models, created_at, updated_at"
+    "id, status, stage, progress_percent, spec, cache_key, cost_cents, cache_hit, cache_mode,"
+    " error, retryable, attempts, engine_version, evaluator_models, created_at, updated_at"
 )
 _ARTIFACT_COLUMNS = (
     "id, job_id, variant_index, key, sha256, width_px, height_px, seed, clip_score,"
@@ -166,8 +167,8 @@ class JobLifecycle:
                         return Admitted(await self._with_artifacts(conn, row), False)
             row = await conn.fetchrow(
                 "INSERT INTO jobs (id, status, stage, progress_percent, spec, cache_key,"
-                " cost_cents, cache_hit, engine_version)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                " cost_cents, cache_hit, cache_mode, engine_version)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
                 f" RETURNING {_JOB_COLUMNS}",
                 parse_job_id(job.id),
                 job.status.value,
@@ -177,6 +178,7 @@ class JobLifecycle:
                 job.cache_key,
                 job.cost_cents,
                 job.cache_hit,
+                job.cache_mode.value,
                 job.engine_version,
             )
             for artifact in job.artifacts:
@@ -247,12 +249,29 @@ class JobLifecycle:
         if persist:
             async with self._connection() as conn:
                 await conn.execute(
-                    "UPDATE jobs SET progress_percent = $3, stage = 'generating',"
-                    f" updated_at = now() WHERE {_HELD}",
+                    f"UPDATE jobs SET progress_percent = $3, updated_at = now() WHERE {_HELD}",
                     parse_job_id(attempt.job_id),
                     attempt.number,
                     event.percent,
                 )
+
+    async def stage(self, attempt: Attempt, stage: str) -> None:
+        """Records and announces the stage the attempt entered (loading_model, denoising,
+        uploading, evaluating...)."""
+        async with self._connection() as conn:
+            held = await conn.fetchval(
+                f"UPDATE jobs SET stage = $3, updated_at = now() WHERE {_HELD} RETURNING true",
+                parse_job_id(attempt.job_id),
+                attempt.number,
+                stage,
+            )
+        if held:
+            status = events_pb2.StatusEvent(status=_RUNNING, stage=stage, attempt=attempt.number)
+            await self._announce(attempt.job_id, status=status)
+
+    async def preview(self, attempt: Attempt, event: events_pb2.PreviewEvent) -> None:
+        """Announces a preview (events only: a preview is not part of the record)."""
+        await self._announce(attempt.job_id, preview=event)
 
     async def record_artifact(
         self, attempt: Attempt, artifact: ArtifactRecord, timings: events_pb2.ArtifactEvent
@@ -562,6 +581,7 @@ def _job(row: asyncpg.Record) -> JobRecord:
         cache_key=row["cache_key"],
         cost_cents=row["cost_cents"],
         cache_hit=row["cache_hit"],
+        cache_mode=CacheMode(row["cache_mode"]),
         error=row["error"],
         retryable=row["retryable"],
         attempts=row["attempts"],

@@ -33,6 +33,14 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class CacheMode(enum.StrEnum):
+    """How a job uses the prompt cache; stored with the job (the `cache_mode` column)."""
+
+    USE = "use"  # answered from the cache when it can; what it renders is stored
+    REFRESH = "refresh"  # not read; what it renders replaces the cached result
+    OFF = "off"  # neither read nor written
+
+
 @dataclass
 class ArtifactRecord:
     job_id: str
@@ -64,6 +72,7 @@ class JobRecord:
     stage: str = ""
     progress_percent: float = 0.0
     cache_hit: bool = False
+    cache_mode: CacheMode = CacheMode.USE
     error: str = ""
     retryable: bool = False
     attempts: int = 0
@@ -100,7 +109,13 @@ def parse_job_id(job_id: str, field: str = "job_id") -> uuid.UUID:
 
 
 def encode_spec(spec: Spec) -> dict[str, Any]:
-    """The stored form of a spec (version SPEC_ENCODING)."""
+    """The stored form of a spec (version SPEC_ENCODING). `notices` is written only when there
+    are some, `strength` and `preview_every` only when set: older rows lack them and read as
+    none, so they need no new version, and a spec without them encodes as it always did
+    (idempotency digests hash this form)."""
+    notices = {"notices": list(spec.notices)} if spec.notices else {}
+    strength = {"strength": spec.strength} if spec.strength is not None else {}
+    preview = {"preview_every": spec.preview_every} if spec.preview_every else {}
     return {
         "v": SPEC_ENCODING,
         "prompt": spec.prompt,
@@ -123,6 +138,9 @@ def encode_spec(spec: Spec) -> dict[str, Any]:
                 "mask_key": spec.controlnet.mask_key,
             }
         ),
+        **notices,
+        **strength,
+        **preview,
     }
 
 
@@ -156,6 +174,9 @@ def decode_spec(data: dict[str, Any]) -> Spec:
                 mask_key=controlnet.get("mask_key", ""),
             )
         ),
+        notices=tuple(data.get("notices", ())),
+        strength=data.get("strength"),
+        preview_every=data.get("preview_every", 0),
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from services.evaluator.scoring import Scorer
 from services.evaluator.tiny_models import build_tiny_clip
-from services.generator.pipeline import PipelineRunner
+from services.generator.pipeline import SdRunner
 from services.generator.tiny_models import build_tiny_sd
 
 
@@ -23,8 +23,8 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def runner(tiny_sd_dir: Path) -> PipelineRunner:
-    return PipelineRunner(tiny_sd_dir)
+def runner(tiny_sd_dir: Path) -> SdRunner:
+    return SdRunner(tiny_sd_dir)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""PipelineRunner: reproducible pixels, requested sizes, per-step progress and cancellation."""
+"""SdRunner: reproducible pixels, requested sizes, per-step progress and cancellation."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from services.generator.pipeline import (
-    PipelineRunner,
     RenderRequest,
+    SdRunner,
     StepCancelled,
     encode_png,
 )
@@ -40,72 +40,76 @@ def _never() -> bool:
     return False
 
 
-def _png(runner: PipelineRunner, req: RenderRequest) -> bytes:
-    return encode_png(runner.render(req, _no_progress, _never))
+def _png(runner: SdRunner, req: RenderRequest) -> bytes:
+    return encode_png(runner.render_one(req, _no_progress, _never))
 
 
-def test_render_same_seed_gives_identical_png_bytes(runner: PipelineRunner) -> None:
+def test_render_same_seed_gives_identical_png_bytes(runner: SdRunner) -> None:
     assert _png(runner, REQUEST) == _png(runner, REQUEST)
 
 
-def test_render_different_seeds_differ(runner: PipelineRunner) -> None:
+def test_render_different_seeds_differ(runner: SdRunner) -> None:
     other = dataclasses.replace(REQUEST, seed=REQUEST.seed + 1)
     assert _png(runner, REQUEST) != _png(runner, other)
 
 
-def test_render_negative_prompt_changes_pixels(runner: PipelineRunner) -> None:
+def test_render_negative_prompt_changes_pixels(runner: SdRunner) -> None:
     other = dataclasses.replace(REQUEST, negative_prompt="blurry")
     assert _png(runner, REQUEST) != _png(runner, other)
 
 
-def test_render_respects_requested_size(runner: PipelineRunner) -> None:
-    image = runner.render(dataclasses.replace(REQUEST, width=64, height=96), _no_progress, _never)
+def test_render_respects_requested_size(runner: SdRunner) -> None:
+    image = runner.render_one(
+        dataclasses.replace(REQUEST, width=64, height=96), _no_progress, _never
+    )
     assert image.size == (64, 96)
     assert image.mode == "RGB"
 
 
-def test_render_rejects_size_not_multiple_of_8(runner: PipelineRunner) -> None:
+def test_render_rejects_size_not_multiple_of_8(runner: SdRunner) -> None:
     with pytest.raises(ValueError, match="width"):
-        runner.render(dataclasses.replace(REQUEST, width=100), _no_progress, _never)
+        runner.render_one(dataclasses.replace(REQUEST, width=100), _no_progress, _never)
 
 
-def test_on_step_called_for_every_step(runner: PipelineRunner) -> None:
+def test_on_step_called_for_every_step(runner: SdRunner) -> None:
     calls: list[tuple[int, int]] = []
-    runner.render(dataclasses.replace(REQUEST, steps=5), lambda d, t: calls.append((d, t)), _never)
+    runner.render_one(
+        dataclasses.replace(REQUEST, steps=5), lambda d, t: calls.append((d, t)), _never
+    )
     assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
 
 
-def test_should_stop_cancels_at_next_step(runner: PipelineRunner) -> None:
+def test_should_stop_cancels_at_next_step(runner: SdRunner) -> None:
     calls: list[tuple[int, int]] = []
     with pytest.raises(StepCancelled) as cancelled:
-        runner.render(REQUEST, lambda d, t: calls.append((d, t)), lambda: len(calls) >= 2)
+        runner.render_one(REQUEST, lambda d, t: calls.append((d, t)), lambda: len(calls) >= 2)
     assert calls == [(1, 4), (2, 4)]
     assert (cancelled.value.steps_done, cancelled.value.total_steps) == (2, 4)
 
 
-def test_should_stop_before_start_runs_no_step(runner: PipelineRunner) -> None:
+def test_should_stop_before_start_runs_no_step(runner: SdRunner) -> None:
     calls: list[tuple[int, int]] = []
     with pytest.raises(StepCancelled) as cancelled:
-        runner.render(REQUEST, lambda d, t: calls.append((d, t)), lambda: True)
+        runner.render_one(REQUEST, lambda d, t: calls.append((d, t)), lambda: True)
     assert calls == []
     assert cancelled.value.steps_done == 0
 
 
-def test_render_after_cancel_matches_uncancelled(runner: PipelineRunner) -> None:
+def test_render_after_cancel_matches_uncancelled(runner: SdRunner) -> None:
     before = _png(runner, REQUEST)
     with pytest.raises(StepCancelled):
-        runner.render(REQUEST, _no_progress, lambda: True)
+        runner.render_one(REQUEST, _no_progress, lambda: True)
     assert _png(runner, REQUEST) == before
 
 
-def test_render_in_fresh_process_matches(runner: PipelineRunner, tiny_sd_dir: Path) -> None:
+def test_render_in_fresh_process_matches(runner: SdRunner, tiny_sd_dir: Path) -> None:
     script = (
         "import hashlib, json, sys\n"
         "from pathlib import Path\n"
-        "from services.generator.pipeline import PipelineRunner, RenderRequest, encode_png\n"
-        "runner = PipelineRunner(Path(sys.argv[1]))\n"
+        "from services.generator.pipeline import SdRunner, RenderRequest, encode_png\n"
+        "runner = SdRunner(Path(sys.argv[1]))\n"
         "req = RenderRequest(**json.loads(sys.argv[2]))\n"
-        "image = runner.render(req, lambda done, total: None, lambda: False)\n"
+        "image = runner.render_one(req, lambda done, total: None, lambda: False)\n"
         "print(hashlib.sha256(encode_png(image)).hexdigest())\n"
     )
     request_json = json.dumps(dataclasses.asdict(REQUEST))
@@ -134,4 +138,4 @@ def test_encode_png_ignores_image_metadata() -> None:
 
 def test_runner_rejects_unknown_dtype(tiny_sd_dir: Path) -> None:
     with pytest.raises(ValueError, match="dtype"):
-        PipelineRunner(tiny_sd_dir, dtype="float8")
+        SdRunner(tiny_sd_dir, dtype="float8")
