@@ -131,6 +131,26 @@ async def test_previews_come_every_k_steps_as_small_pngs(
     assert len(previews[0].png) < 2048
 
 
+async def test_a_request_waits_at_most_one_batch_behind_an_incompatible_one(
+    engine: Engine, registry: Registry
+) -> None:
+    first, later = job(registry, seed=1), job(registry, seed=2)
+    other = job(registry, width=128, height=128)  # another shape: never in their batch
+    finished: list[str] = []
+
+    async def run(name: str, spec: Spec) -> list[Update]:
+        items = await updates(engine, spec)
+        finished.append(name)
+        return items
+
+    before = engine.batches
+    results = await asyncio.gather(run("first", first), run("other", other), run("later", later))
+    # The oldest row leads each batch: `later` joins `first`'s batch, `other` runs right after.
+    assert [images(r)[0].batch_size for r in results] == [2, 1, 2]
+    assert finished == ["first", "later", "other"]
+    assert engine.batches - before == 2
+
+
 async def test_a_cancelled_queued_row_never_renders(engine: Engine, registry: Registry) -> None:
     cancel = threading.Event()
     cancel.set()

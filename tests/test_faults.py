@@ -292,7 +292,7 @@ async def test_health_reports_not_serving_while_postgres_is_away_and_serving_aft
 async def test_cancelling_a_running_job_stops_its_render_within_one_step(
     fault_env: FaultEnv, fault_mesh: Any
 ) -> None:
-    mesh: Mesh = await fault_mesh()
+    mesh: Mesh = await fault_mesh(WORKERS="1")  # one job in hand: the second one waits
     steps = 100
     async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
         burst = Burst()

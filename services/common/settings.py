@@ -49,8 +49,11 @@ class CommonSettings(BaseSettings):
     event_ttl_seconds: int = 24 * 3600  # how long a job's event stream outlives its last event
     # How long a reused Idempotency-Key returns its first job (and refuses another request).
     idempotency_ttl_seconds: int = 24 * 3600
-    # Threads torch may use in this process (0: the cores divided among the two model services).
+    # Threads torch may use in this process (0: the cores divided among MODEL_PROCESSES).
     torch_threads: int = 0
+    # Processes on this host that run models (each generator and evaluator): without a thread
+    # count each would take every core and they would fight over them.
+    model_processes: int = Field(default=2, ge=1)
     grace_seconds: float = 10.0
     max_message_bytes: int = 32 * 1024 * 1024
 

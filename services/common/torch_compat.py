@@ -92,9 +92,10 @@ def _load_torchvision_extension() -> bool:
     return _torchvision_ops_exist()
 
 
-def set_torch_threads(threads: int) -> int:
-    """Caps torch's threads in this process (0: half the cores, at least 1): several model
-    processes on one host would otherwise each take every core and fight over them."""
-    count = threads or max(1, (os.cpu_count() or 2) // 2)
+def set_torch_threads(threads: int, processes: int = 2) -> int:
+    """Caps torch's threads in this process (0: the cores divided among the host's `processes`
+    model processes, at least 1): several model processes on one host would otherwise each take
+    every core and fight over them."""
+    count = threads or max(1, (os.cpu_count() or 2) // processes)
     torch.set_num_threads(count)
     return count

@@ -17,7 +17,7 @@ SERVICE_NAME = evaluator_service_pb2.DESCRIPTOR.services_by_name["EvaluatorServi
 async def start(settings: EvaluatorSettings) -> Service:
     check_free(settings.listen_addr)
     prepare_torch()
-    set_torch_threads(settings.torch_threads)
+    set_torch_threads(settings.torch_threads, settings.model_processes)
     from services.evaluator.grpc_api import EvaluatorServicer
     from services.evaluator.scoring import Scorer
 

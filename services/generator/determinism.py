@@ -94,7 +94,7 @@ def _other_process(model: str) -> str:
 
 async def solo_hash(model: str) -> str:
     settings = GeneratorSettings()
-    set_torch_threads(settings.torch_threads)
+    set_torch_threads(settings.torch_threads, settings.model_processes)
     registry = load_registry(settings.model_registry, settings.model_dir)
     engine = Engine(registry)
     await engine.start(warm_up=False)
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--skip-mesh", action="store_true", help="no generator-restart check")
     args = parser.parse_args()
     settings = GeneratorSettings()
-    set_torch_threads(settings.torch_threads)
+    set_torch_threads(settings.torch_threads, settings.model_processes)
     registry = load_registry(settings.model_registry, settings.model_dir)
     model = registry.get(args.model).id
     alone, checks = asyncio.run(_in_process(registry, model))

@@ -267,26 +267,29 @@ class Engine:
         try:
             while left:
                 message = await updates.get()
-                stepped = False
-                while True:  # everything already posted: steps of a batch coalesce into one
+                stepped, latest = False, 0
+                while True:  # everything already posted: a step of several rows is one Step
                     kind = message[0]
                     if kind == "step":
                         _, index, done, seconds = message
+                        if stepped and done > latest:
+                            yield progress.snapshot(max_batch)  # every step is reported
                         progress.step(index, done, seconds)
-                        stepped = True
-                    elif kind == "stage" and message[1] != stage:
-                        stage = message[1]
-                        yield Stage(stage)
-                    elif kind == "preview":
-                        yield Preview(*message[1:])
-                    elif kind == "error":
-                        raise message[1]
-                    elif kind == "done":
-                        left -= 1
-                        if stepped:
+                        stepped, latest = True, done
+                    else:
+                        if stepped:  # the steps so far come first
                             yield progress.snapshot(max_batch)
                             stepped = False
-                        yield message[1]
+                        if kind == "stage" and message[1] != stage:
+                            stage = message[1]
+                            yield Stage(stage)
+                        elif kind == "preview":
+                            yield Preview(*message[1:])
+                        elif kind == "error":
+                            raise message[1]
+                        elif kind == "done":
+                            left -= 1
+                            yield message[1]
                     if updates.empty():
                         break
                     message = updates.get_nowait()
@@ -328,9 +331,9 @@ class Engine:
                 return
             batch = self._compatible(head, runner)
         self._pending = [row for row in self._pending if row not in batch]
-        await self._on_device(_run_batch, runner, batch)
         self.batches += 1
         self.batched_rows += len(batch)
+        await self._on_device(_run_batch, runner, batch)
 
     def _compatible(self, head: _Row, runner: Runner) -> list[_Row]:
         key = runner.batch_key(head.request)

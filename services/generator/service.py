@@ -32,7 +32,7 @@ SERVICE_NAME = generator_service_pb2.DESCRIPTOR.services_by_name["GeneratorServi
 async def start(settings: GeneratorSettings) -> Service:
     check_free(settings.listen_addr)
     prepare_torch()
-    set_torch_threads(settings.torch_threads)
+    set_torch_threads(settings.torch_threads, settings.model_processes)
     from services.evaluator.client import EvaluatorClient
     from services.generator.engine import Engine
     from services.generator.grpc_api import GeneratorServicer

@@ -33,3 +33,18 @@ def test_prepare_torch_makes_ml_libraries_importable_offline() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == dict.fromkeys(OFFLINE_SWITCHES, "1")
+
+
+def test_torch_threads_are_the_cores_shared_among_the_model_processes_unless_given() -> None:
+    import torch
+
+    from services.common.torch_compat import set_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        cores = os.cpu_count() or 2
+        assert set_torch_threads(0, processes=cores) == 1 == torch.get_num_threads()
+        assert set_torch_threads(0, processes=1) == cores == torch.get_num_threads()
+        assert set_torch_threads(3) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
