@@ -1,13 +1,17 @@
-"""A closed-loop load: `clients` coroutines each submitting `per_client` requests back to back,
-each a different seed. Shared by the engine benchmark and its Ray Serve peer (bench/ray_peer.py,
-which runs in .venv-bench), so both systems see the same load: stdlib and bench.stats only."""
+"""What the engine benchmark's host processes share: a closed-loop load (`clients` coroutines each
+submitting `per_client` requests back to back, each a different seed), and the line protocol the
+benchmark drives them with (bench/engine.py, bench/engine_host.py, bench/ray_peer.py). Stdlib and
+bench.stats only: the Ray Serve peer imports it from .venv-bench."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TextIO
 
 from bench.stats import median, percentile
 
@@ -47,6 +51,29 @@ async def closed_loop(
 
 def medians(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {k: median([r[k] for r in repeats]) for k in KEYS}
+    summary["images_per_s_runs"] = [r["images_per_s"] for r in repeats]
     summary["images"] = sum(r["images"] for r in repeats)
     summary["repeats"] = len(repeats)
     return summary
+
+
+def reply_channel() -> TextIO:
+    """The host's stdout, kept for its answers; everything else the process (and any process it
+    starts) writes to stdout goes to stderr from here on."""
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return reply
+
+
+def send(reply: TextIO, message: dict[str, Any]) -> None:
+    reply.write(json.dumps(message) + "\n")
+    reply.flush()
+
+
+async def answer(
+    handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]], reply: TextIO
+) -> None:
+    """Answers each JSON line read on stdin with one JSON line, until the end of input."""
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        send(reply, await handle(json.loads(line)))

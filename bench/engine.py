@@ -2,38 +2,41 @@
 the engine costs per step over a bare diffusers call, and how it compares with Ray Serve.
 
 - Throughput: 1, 4 and 16 concurrent single-image requests (tiny-sd, 128x128, 10 steps, each a
-  different seed), each client submitting a fixed number back to back, through the engine at
-  max_batch 1 (batching off), 4 (the registry's) and 8. Repeats interleave the engines.
+  different seed), each client submitting a fixed number back to back (bench/closed_loop.py),
+  through the engine at max_batch 1 (batching off), 4 (the registry's) and 8.
+- The peer users would pick, under the same load: Ray Serve around the same pipeline folder,
+  `@serve.batch` at max_batch_size 1, 4 and 8 with the engine's batch window, called through its
+  DeploymentHandle (no HTTP on either side): bench/ray_peer.py. Ray is a bench-only dependency
+  in its own virtualenv, .venv-bench (`make bench-deps`: ray[serve] brings uvloop, fastapi and
+  more, which uvicorn would pick up in the services' virtualenv).
 - Overhead: one request alone through the engine (max_batch 1) against
-  `pipe(prompt, num_inference_steps=..., generator=...)` on the same pipeline folder, alternated.
-- The peer users would pick: Ray Serve around the same pipeline, `@serve.batch` at
-  max_batch_size 1, 4 and 8 with the engine's batch window, called through its DeploymentHandle
-  (no HTTP on either side), under the same load (bench/ray_peer.py). Ray is a bench-only
-  dependency in its own virtualenv, .venv-bench (`make bench-deps`; ray[serve] brings uvloop,
-  fastapi and more, which uvicorn would pick up in the services' virtualenv), so the peer runs as a
-  subprocess that writes JSON. It runs after the engines, not interleaved with them: Ray's idle
-  processes would share the cores with the engine's runs.
+  `pipe(prompt, num_inference_steps=..., generator=...)` on the same folder, alternated.
 
-Every system runs torch at THREADS threads. Figures are medians of the repeats.
+Each system runs in a process of its own, as each Ray Serve replica does (bench/engine_host.py
+says why), driven from here over a pipe; this process runs no torch. Runs interleave (every
+system once per concurrency per repeat), so load from other work on the machine falls on all
+alike; a run during which other processes used more than OTHER_CPU_LIMIT of a core is run again
+(the results count those). Every system runs torch at THREADS threads, at the same priority.
+Figures are medians of the repeats.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.client import ROOT
-from bench.closed_loop import Call, closed_loop, medians
+from bench.closed_loop import medians
 from bench.stats import median
-from services.common.torch_compat import prepare_torch, set_torch_threads
 
 THREADS = 2
 PARAMS = {"prompt": "a red bicycle leaning on a wall", "width": 128, "height": 128, "steps": 10}
@@ -43,192 +46,230 @@ BATCH_WINDOW_S = 0.005
 PER_CLIENT = {1: 16, 4: 8, 16: 4}
 QUICK_PER_CLIENT = {1: 6, 4: 3, 16: 2}
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-PEER_TIMEOUT_S = 1800
+ANSWER_TIMEOUT_S = 300  # for one answer of a host
+# A run during which processes outside this benchmark used more CPU than this (in cores) is run
+# again, up to RETRIES times: on 2 cores, one busy process elsewhere stalls torch's 2 threads.
+OTHER_CPU_LIMIT = 0.1
+RETRIES = 2
 
 
 async def run(quick: bool) -> dict[str, Any]:
     if not PEER_PYTHON.exists():
         raise RuntimeError(f"{PEER_PYTHON} is missing: run `make bench-deps` first")
-    repeats = 1 if quick else 5
-    per_client = QUICK_PER_CLIENT if quick else PER_CLIENT
-    set_torch_threads(THREADS)
-    prepare_torch()
     from services.common.models import load_registry
     from services.common.settings import GeneratorSettings
 
     settings = GeneratorSettings()
-    registry = load_registry(settings.model_registry, settings.model_dir)
-    model = registry.get("")
-    load_before = os.getloadavg()[0]
-    engines = await _engine_runs(registry, per_client, repeats, overhead_runs=3 if quick else 9)
+    model = load_registry(settings.model_registry, settings.model_dir).get("")
+    repeats = 1 if quick else 5
+    per_client = QUICK_PER_CLIENT if quick else PER_CLIENT
     plan = {
         "model_path": model.path,
         "threads": THREADS,
         "params": PARAMS,
         "max_batches": list(MAX_BATCHES),
         "batch_window_s": BATCH_WINDOW_S,
-        "per_client": {str(n): count for n, count in per_client.items()},
-        "repeats": repeats,
+        "max_clients": max(per_client),
     }
-    peer = await _peer_runs(plan)
-    systems = {"engine": engines["throughput"], "ray_serve": peer["results"]}
+    load_before = os.getloadavg()[0]
+    runs: dict[str, dict[int, dict[int, list[dict[str, Any]]]]] = {
+        system: {b: {n: [] for n in per_client} for b in MAX_BATCHES}
+        for system in ("engine", "ray_serve")
+    }
+    with tempfile.TemporaryDirectory(prefix="imagegen-bench-engine-") as folder:
+        plan_path = Path(folder) / "plan.json"
+        plan_path.write_text(json.dumps(plan))
+        async with AsyncExitStack() as stack:
+            # Ray first and alone, so that its start time is its own.
+            peer = await stack.enter_async_context(
+                _Host(folder, "ray-peer", PEER_PYTHON, "bench.ray_peer", str(plan_path))
+            )
+            engines = {
+                b: await stack.enter_async_context(
+                    _Host(
+                        folder,
+                        f"engine-{b}",
+                        sys.executable,
+                        "bench.engine_host",
+                        str(plan_path),
+                        "engine",
+                        str(b),
+                    )
+                )
+                for b in MAX_BATCHES
+            }
+            bare = await stack.enter_async_context(
+                _Host(folder, "bare", sys.executable, "bench.engine_host", str(plan_path), "bare")
+            )
+            overhead = await _overhead(engines[1], bare, runs=3 if quick else 9)
+            seed = 0
+            for _ in range(repeats):
+                for clients, count in per_client.items():
+                    for batch in MAX_BATCHES:
+                        load = {"clients": clients, "per_client": count, "first_seed": seed}
+                        engine_run = await _run(engines[batch], {"op": "load", **load})
+                        runs["engine"][batch][clients].append(engine_run)
+                        peer_run = await _run(peer, {"batch": batch, **load})
+                        runs["ray_serve"][batch][clients].append(peer_run)
+                        seed += clients * count
+    every = [
+        r
+        for by_batch in runs.values()
+        for by_level in by_batch.values()
+        for rs in by_level.values()
+        for r in rs
+    ]
+    systems = {
+        system: {
+            str(b): {str(n): medians(repeats) for n, repeats in by_level.items()}
+            for b, by_level in by_batch.items()
+        }
+        for system, by_batch in runs.items()
+    }
     return {
         "params": PARAMS,
         "model": model.id,
         "threads": THREADS,
         "batch_window_s": BATCH_WINDOW_S,
-        "per_client": plan["per_client"],
+        "per_client": {str(n): count for n, count in per_client.items()},
         "repeats": repeats,
-        "load_average_before": load_before,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "other_cpu_limit": OTHER_CPU_LIMIT,
+        "runs": len(every),
+        "runs_redone": sum(r["attempts"] > 1 for r in every),
+        "runs_disturbed": sum(
+            r["attempts"] > RETRIES and r["other_cpu"] > OTHER_CPU_LIMIT for r in every
+        ),
         "systems": systems,
         "ratios": _ratios(systems),
-        "overhead": engines["overhead"],
-        "ray_serve": {k: peer[k] for k in ("version", "start_s", "replica_threads")},
+        "overhead": overhead,
+        "ray_serve": peer.info,
     }
 
 
-async def _engine_runs(
-    registry: Any, per_client: dict[int, int], repeats: int, overhead_runs: int
-) -> dict[str, Any]:
-    from services.common.models import Registry
-    from services.generator.engine import Engine
-
-    engines: dict[int, tuple[Engine, Registry]] = {}
-    for batch in MAX_BATCHES:
-        model = dataclasses.replace(registry.get(""), max_batch=batch)
-        variant = Registry(models={model.id: model}, default=model.id)
-        engine = Engine(variant, batch_window_s=BATCH_WINDOW_S)
-        await engine.start()
-        engines[batch] = (engine, variant)
-    try:
-        overhead = await _overhead(*engines[1], overhead_runs)
-        calls = {batch: _engine_call(*pair) for batch, pair in engines.items()}
-        for call in calls.values():  # warm-up: every batch shape at 128x128
-            await closed_loop(call, max(per_client), 1, first_seed=10**6)
-        runs: dict[int, dict[int, list[dict[str, Any]]]] = {
-            b: {n: [] for n in per_client} for b in calls
-        }
-        seed = 0
-        for _ in range(repeats):
-            for clients, count in per_client.items():
-                for batch, call in calls.items():
-                    runs[batch][clients].append(
-                        await closed_loop(call, clients, count, first_seed=seed)
-                    )
-                    seed += clients * count
-    finally:
-        for engine, _ in engines.values():
-            engine.close()
-    throughput = {
-        str(b): {str(n): medians(repeats) for n, repeats in by_level.items()}
-        for b, by_level in runs.items()
-    }
-    return {"throughput": throughput, "overhead": overhead}
-
-
-def _engine_call(engine: Any, registry: Any) -> Call:
-    async def call(seed: int) -> int:
-        return int((await _render_one(engine, registry, seed)).batch_size)
-
-    return call
-
-
-async def _render_one(engine: Any, registry: Any, seed: int) -> Any:
-    """One single-image request through the engine, to its Rendered item."""
-    from services.common.spec import Spec, resolve
-    from services.generator.engine import Rendered
-
-    spec = resolve(
-        Spec(
-            prompt=str(PARAMS["prompt"]),
-            seed=seed,
-            num_variants=1,
-            width=int(PARAMS["width"]),
-            height=int(PARAMS["height"]),
-            steps=int(PARAMS["steps"]),
-        ),
-        registry,
-    )
-    rendered = None
-    async for item in engine.render(spec, threading.Event()):
-        if isinstance(item, Rendered):
-            rendered = item
-    if rendered is None:
-        raise RuntimeError("the engine ended a render without an image")
-    return rendered
-
-
-async def _overhead(engine: Any, registry: Any, runs: int) -> dict[str, Any]:
+async def _overhead(engine: _Host, bare: _Host, runs: int) -> dict[str, Any]:
     """One request alone through the engine (max_batch 1) against the bare pipeline call,
     alternated, after two warm-up pairs."""
-    import diffusers
-    import torch
-
     steps = int(PARAMS["steps"])
-    pipe = diffusers.DiffusionPipeline.from_pretrained(registry.get("").path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    engine_ms: list[float] = []
-    bare_ms: list[float] = []
-    render_ms: list[float] = []  # the engine's own split: the runner's render, the PNG encode
-    encode_ms: list[float] = []
-    for seed in range(runs + 2):
-        started = time.perf_counter()
-        rendered = await _render_one(engine, registry, seed)
-        engine_ms.append((time.perf_counter() - started) * 1e3)
-        render_ms.append(rendered.render_ms)
-        encode_ms.append(rendered.encode_ms)
-        started = time.perf_counter()
-        pipe(
-            str(PARAMS["prompt"]),
-            num_inference_steps=steps,
-            width=int(PARAMS["width"]),
-            height=int(PARAMS["height"]),
-            generator=torch.Generator().manual_seed(seed),
+    pairs = [
+        (
+            await _run(engine, {"op": "one", "seed": seed}),
+            await _run(bare, {"op": "one", "seed": seed}),
         )
-        bare_ms.append((time.perf_counter() - started) * 1e3)
-    engine_total, bare_total = median(engine_ms[2:]), median(bare_ms[2:])
+        for seed in range(runs + 2)
+    ][2:]
+    engine_ms = median([e["ms"] for e, _ in pairs])
+    bare_ms = median([b["ms"] for _, b in pairs])
     return {
         "runs": runs,
-        "engine_ms": engine_total,
-        "bare_ms": bare_total,
-        "engine_ms_per_step": engine_total / steps,
-        "bare_ms_per_step": bare_total / steps,
-        "overhead_ms_per_step": (engine_total - bare_total) / steps,
-        "ratio": engine_total / bare_total,
-        "engine_render_ms": median(render_ms[2:]),
-        "engine_encode_ms": median(encode_ms[2:]),
+        "engine_ms": engine_ms,
+        "bare_ms": bare_ms,
+        "engine_ms_per_step": engine_ms / steps,
+        "bare_ms_per_step": bare_ms / steps,
+        "overhead_ms_per_step": (engine_ms - bare_ms) / steps,
+        "ratio": engine_ms / bare_ms,
+        "engine_render_ms": median([e["render_ms"] for e, _ in pairs]),
+        "engine_encode_ms": median([e["encode_ms"] for e, _ in pairs]),
     }
 
 
-async def _peer_runs(plan: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="imagegen-ray-peer-") as folder:
-        plan_path, out_path, log_path = (Path(folder) / n for n in ("plan", "out", "log"))
-        plan_path.write_text(json.dumps(plan))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-        with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                str(PEER_PYTHON),
-                "-m",
-                "bench.ray_peer",
-                str(plan_path),
-                str(out_path),
+async def _run(host: _Host, command: dict[str, Any]) -> dict[str, Any]:
+    """One run, again (up to RETRIES times) while other processes disturb it."""
+    attempts = 0
+    while True:
+        attempts += 1
+        started, other_before = time.perf_counter(), _other_cpu_s()
+        result: dict[str, Any] = await host.ask(command)
+        wall = time.perf_counter() - started
+        other = _other_cpu_s() - other_before
+        # Three clock ticks of slack: CPU times are counted in 10 ms ticks, process by process.
+        if other <= OTHER_CPU_LIMIT * wall + 0.03 or attempts > RETRIES:
+            return {**result, "other_cpu": other / wall, "attempts": attempts}
+
+
+def _other_cpu_s() -> float:
+    """CPU seconds the machine has spent outside this process and its descendants (the hosts,
+    Ray's processes), since boot; a descendant that has ended counts in its parent's children
+    times."""
+    machine = psutil.cpu_times()
+    busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+    ours = 0.0
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            t = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        ours += t.user + t.system + t.children_user + t.children_system
+    return busy + machine.steal - ours
+
+
+class _Host:
+    """A system under test in its own process (bench/engine_host.py, bench/ray_peer.py): started
+    on entry, ready once it says so (`info` holds what it said before that), one JSON line per
+    `ask`, stopped by closing its input on exit. Its output goes to a log, shown if it fails."""
+
+    def __init__(self, folder: str, name: str, python: Path | str, *args: str) -> None:
+        self._command = [str(python), "-m", *args]
+        self._log = Path(folder) / f"{name}.log"
+        self._process: asyncio.subprocess.Process | None = None
+        self.info: dict[str, Any] = {}
+
+    async def __aenter__(self) -> _Host:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),  # .venv-bench has no .pth for the project
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_worker_niceness": "0",  # Ray starts its workers at nice 15; the engine runs at 0
+        }
+        with self._log.open("wb") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                *self._command,
                 cwd=ROOT,
                 env=env,
-                stdout=log,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
                 stderr=log,
             )
-            try:
-                code = await asyncio.wait_for(process.wait(), PEER_TIMEOUT_S)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-                raise
-        if code != 0 or not out_path.exists():
-            tail = log_path.read_text(errors="replace")[-4000:]
-            print(tail, file=sys.stderr)
-            raise RuntimeError(f"the Ray Serve peer exited with {code}")
-        result: dict[str, Any] = json.loads(out_path.read_text())
-        return result
+        try:
+            while not (answer := await self._answer()).get("ready"):
+                self.info.update(answer)
+        except BaseException:
+            await self._stop(timeout_s=20)
+            raise
+        return self
+
+    async def ask(self, command: dict[str, Any]) -> Any:
+        assert self._process is not None and self._process.stdin is not None
+        self._process.stdin.write((json.dumps(command) + "\n").encode())
+        await self._process.stdin.drain()
+        return await self._answer()
+
+    async def _answer(self) -> dict[str, Any]:
+        assert self._process is not None and self._process.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._process.stdout.readline(), ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            line = b""
+        if not line:
+            print(self._log.read_text(errors="replace")[-4000:], file=sys.stderr)
+            raise RuntimeError(f"{' '.join(self._command)} stopped answering; its log is above")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stop(timeout_s=60)
+
+    async def _stop(self, timeout_s: float) -> None:
+        process = self._process
+        if process is None or process.stdin is None:
+            return
+        process.stdin.close()  # end of input: the host stops (Ray shut down) and exits
+        try:
+            await asyncio.wait_for(process.wait(), timeout_s)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 def _ratios(systems: dict[str, Any]) -> dict[str, Any]:

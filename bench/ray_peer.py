@@ -2,11 +2,19 @@
 `@serve.batch`, one replica per batch size, called through its DeploymentHandle (no HTTP), under
 the same closed-loop load (bench/closed_loop.py).
 
-It runs in .venv-bench (`make bench-deps`), as a subprocess of the benchmark:
-`.venv-bench/bin/python -m bench.ray_peer PLAN.json OUT.json` reads the plan and writes the
-results. The deployment is what the Ray Serve batching guide shows: an async batch method that
-calls the pipeline once with the batch's prompts and one `torch.Generator` per request, and
-returns each request its image (here as PNG bytes, as the engine returns them).
+It runs in .venv-bench (`make bench-deps`) as a subprocess of the benchmark, which drives it so
+that its runs interleave with the engine's: `.venv-bench/bin/python -m bench.ray_peer PLAN.json`
+starts Ray and the replicas and answers one JSON line (Ray's version, its start time), warms each
+replica up and answers `{"ready": true}`; then each JSON line read on stdin, `{"batch",
+"clients", "per_client", "first_seed"}`, is one closed-loop run answered by one line of results
+(bench/closed_loop.py). End of input shuts Ray down. Everything Ray prints goes to stderr.
+
+The deployment is what Ray Serve's batching guide shows: an async batch method that calls the
+pipeline once with the batch's prompts and one `torch.Generator` per request, and returns each
+request its image (as PNG bytes, as the engine does). Tuned as a user would for throughput:
+request access logs off, `max_ongoing_requests` above the requests in flight, and Ray's workers
+at the engine's priority (Ray starts them at nice 15; RAY_worker_niceness=0, set by the
+benchmark).
 """
 
 from __future__ import annotations
@@ -14,27 +22,27 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-import ray
-from ray import serve
-
-from bench.closed_loop import closed_loop, medians
+from bench.closed_loop import answer, closed_loop, reply_channel, send
 
 
 def peer(plan: dict[str, Any], max_batch: int) -> Any:
     """A deployment class for one batch size (serve.batch takes it at definition time)."""
+    from ray import serve
+
     params = plan["params"]
 
     @serve.deployment(
         name=f"peer-b{max_batch}",
-        # Above the most requests in flight, so that Serve's router queues none of them.
-        max_ongoing_requests=4 * max(int(level) for level in plan["per_client"]),
-        # Logical CPUs only (every replica is alive at once): torch's threads are set below.
+        max_ongoing_requests=4 * plan["max_clients"],
+        # Logical CPUs only, so every replica fits at once; torch's threads are set below.
         ray_actor_options={"num_cpus": 0.5},
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
     )
     class Peer:
         def __init__(self) -> None:
@@ -50,10 +58,10 @@ def peer(plan: dict[str, Any], max_batch: int) -> Any:
             )
             self.pipe.set_progress_bar_config(disable=True)
 
-        def threads(self) -> int:
+        def threads(self) -> tuple[int, int]:
             import torch
 
-            return int(torch.get_num_threads())
+            return int(torch.get_num_threads()), os.nice(0)
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=plan["batch_window_s"])
         async def __call__(self, requests: list[tuple[str, int]]) -> list[tuple[bytes, int]]:
@@ -77,9 +85,8 @@ def _png(image: Any) -> bytes:
     return buffer.getvalue()
 
 
-async def measure(plan: dict[str, Any], handles: dict[int, Any]) -> dict[str, Any]:
+async def serve_runs(plan: dict[str, Any], handles: dict[int, Any], reply: TextIO) -> None:
     prompt = plan["params"]["prompt"]
-    levels = {int(level): count for level, count in plan["per_client"].items()}
 
     def call(handle: Any) -> Any:
         async def one(seed: int) -> int:
@@ -88,31 +95,32 @@ async def measure(plan: dict[str, Any], handles: dict[int, Any]) -> dict[str, An
 
         return one
 
+    async def load(command: dict[str, Any]) -> dict[str, Any]:
+        return await closed_loop(
+            call(handles[command["batch"]]),
+            command["clients"],
+            command["per_client"],
+            command["first_seed"],
+        )
+
     for handle in handles.values():  # warm-up: every batch shape, first allocations
-        await closed_loop(call(handle), max(levels), 1, first_seed=10**6)
-    runs: dict[int, dict[int, list[dict[str, Any]]]] = {b: {n: [] for n in levels} for b in handles}
-    seed = 0
-    for _ in range(plan["repeats"]):
-        for clients, per_client in levels.items():
-            for batch, handle in handles.items():
-                runs[batch][clients].append(
-                    await closed_loop(call(handle), clients, per_client, first_seed=seed)
-                )
-                seed += clients * per_client
-    return {
-        str(b): {str(n): medians(repeats) for n, repeats in by_level.items()}
-        for b, by_level in runs.items()
-    }
+        await closed_loop(call(handle), plan["max_clients"], 1, first_seed=10**6)
+    send(reply, {"ready": True})
+    await answer(load, reply)
 
 
-def main(plan_path: Path, out_path: Path) -> None:
+def main(plan_path: Path) -> None:
+    reply = reply_channel()
+    import ray
+    from ray import serve
+
     plan = json.loads(plan_path.read_text())
     started = time.perf_counter()
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=256 * 2**20,
-        configure_logging=False,
+        log_to_driver=False,
     )
     try:
         serve.start(proxy_location="Disabled")
@@ -120,23 +128,21 @@ def main(plan_path: Path, out_path: Path) -> None:
             b: serve.run(peer(plan, b).bind(), name=f"peer-b{b}", route_prefix=None)
             for b in plan["max_batches"]
         }
-        threads = {b: handle.threads.remote().result() for b, handle in handles.items()}
-        start_s = time.perf_counter() - started
-        results = asyncio.run(measure(plan, handles))
+        threads, nice = zip(*(h.threads.remote().result() for h in handles.values()), strict=True)
+        send(
+            reply,
+            {
+                "version": ray.__version__,
+                "start_s": time.perf_counter() - started,
+                "replica_threads": sorted(set(threads)),
+                "replica_nice": sorted(set(nice)),
+            },
+        )
+        asyncio.run(serve_runs(plan, handles, reply))
     finally:
         serve.shutdown()
         ray.shutdown()
-    out_path.write_text(
-        json.dumps(
-            {
-                "version": ray.__version__,
-                "start_s": start_s,
-                "replica_threads": sorted(set(threads.values())),
-                "results": results,
-            }
-        )
-    )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]))

@@ -47,6 +47,86 @@ def _polling(p: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _engine(e: dict[str, Any]) -> list[str]:
+    p, o, ray = e["params"], e["overhead"], e["ray_serve"]
+    levels = list(e["per_client"])
+    systems = (("engine", "engine"), ("ray_serve", f"Ray Serve {ray['version']}"))
+    lines = [
+        "## Engine batching, and Ray Serve",
+        "",
+        f"The generator's engine alone, with no mesh: {', '.join(levels)} "
+        f"concurrent single-image requests ({e['model']}, {p['width']}x{p['height']}, "
+        f"{p['steps']} steps, a different seed each), each client submitting "
+        f"{', '.join(map(str, e['per_client'].values()))} requests back to back. The engine's "
+        "max batch comes from the model registry (1: batching off); the peer is Ray Serve around "
+        "the same pipeline folder with `@serve.batch(max_batch_size=...)`, the same "
+        f"{e['batch_window_s'] * 1e3:.0f} ms batch window, called through its DeploymentHandle "
+        f"(no HTTP on either side). torch at {e['threads']} threads in both; runs interleaved, "
+        f"median of {e['repeats']} repeats; each system in a process of its own. Images/s, "
+        f"the range of the repeats at {levels[-1]}, and at {levels[-1]} the p50 latency and the "
+        "rows of the batch each image came from (mean):",
+        "",
+        "| system | max batch | "
+        + " | ".join(f"images/s at {n}" for n in levels)
+        + f" | range at {levels[-1]} | p50 ms at {levels[-1]} | rows per batch at {levels[-1]} |",
+        "|---|---|" + "---|" * (len(levels) + 3),
+    ]
+    for system, label in systems:
+        for batch, by_level in e["systems"][system].items():
+            top = by_level[levels[-1]]
+            spread = top["images_per_s_runs"]
+            lines.append(
+                _row(
+                    label,
+                    batch,
+                    *[by_level[n]["images_per_s"] for n in levels],
+                    f"{min(spread):.1f}-{max(spread):.1f}",
+                    top["p50_ms"],
+                    top["rows_per_batch"],
+                )
+            )
+    r = e["ratios"]
+    lines += [
+        "",
+        "Ratios of those medians:",
+        "",
+        "| ratio | " + " | ".join(f"at {n}" for n in levels) + " |",
+        "|---|" + "---|" * len(levels),
+    ]
+    for system, label in systems:
+        for batch, by_level in r["batching"][system].items():
+            lines.append(
+                _row(f"{label}: batch {batch} / batch 1", *[f"{by_level[n]:.2f}x" for n in levels])
+            )
+    for batch, by_level in r["engine_vs_ray_serve"].items():
+        lines.append(
+            _row(f"engine / Ray Serve, batch {batch}", *[f"{by_level[n]:.2f}x" for n in levels])
+        )
+    lines += [
+        _row("engine best / Ray Serve best", *[f"{r['best_vs_best'][n]:.2f}x" for n in levels]),
+        "",
+        f"One request alone, engine at max batch 1 against the bare `pipe(prompt, "
+        f"num_inference_steps={p['steps']}, generator=...)` call on the same pipeline folder, "
+        f"alternated, median of {o['runs']} runs:",
+        "",
+        "| path | ms per image | ms per step |",
+        "|---|---|---|",
+        _row("engine (render to Rendered)", o["engine_ms"], o["engine_ms_per_step"]),
+        _row("bare diffusers pipe()", o["bare_ms"], o["bare_ms_per_step"]),
+        _row("overhead", o["engine_ms"] - o["bare_ms"], o["overhead_ms_per_step"]),
+        _row("ratio engine / bare", f"{o['ratio']:.2f}x", ""),
+        "",
+        f"Inside the engine's figure: the runner's render {o['engine_render_ms']:.1f} ms and the "
+        f"PNG encode {o['engine_encode_ms']:.1f} ms. Ray Serve started (Ray, Serve, "
+        f"{len(e['systems']['ray_serve'])} replicas) in {ray['start_s']:.0f} s. The machine is "
+        f"shared: {e['runs_redone']} of {e['runs']} runs were run again because processes "
+        f"outside the benchmark used more than {e['other_cpu_limit']:.1f} of a core during "
+        f"them, and {e['runs_disturbed']} still were after two more tries (load average "
+        f"{e['load_average'][0]:.2f} before the run, {e['load_average'][1]:.2f} after).",
+    ]
+    return lines
+
+
 def render(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
@@ -108,6 +188,8 @@ def render(r: dict[str, Any]) -> str:
                     s["errors"],
                 )
             )
+    if "engine" in r:
+        lines += ["", *_engine(r["engine"])]
     lines += ["", *_polling(r["polling"])]
     f = r["sse_fanout"]
     lines += [

@@ -10,6 +10,7 @@ completed), and no refused submission runs.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -29,7 +30,9 @@ from tests.faults import (  # noqa: F401 - fixtures
     fault_env,
     fault_mesh,
     fault_stores,
+    kill_service,
     restart_service,
+    start_service,
 )
 
 pytestmark = pytest.mark.faults
@@ -326,3 +329,26 @@ async def test_cancelling_a_running_job_stops_its_render_within_one_step(
         burst = Burst()
         await submit(http, burst, "after the cancel")
         assert set((await check_exactly_once(fault_env, burst)).values()) == {"completed"}
+
+
+async def test_a_generator_stopped_mid_job_exits_in_its_grace_and_its_job_runs_elsewhere(
+    fault_env: FaultEnv, fault_mesh: Any
+) -> None:
+    mesh: Mesh = await fault_mesh(GRACE_SECONDS="2")
+    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+        burst = Burst()
+        await submit(http, burst, "interrupted", steps=100, variants=2, size=256)
+        job_id = burst.accepted["interrupted"]
+        async with http.stream("GET", f"/api/status/stream/{job_id}") as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("event: progress"):
+                    break
+        started = time.monotonic()
+        # SIGTERM: the job in hand gets half the grace period, then goes back on the queue.
+        assert await asyncio.to_thread(kill_service, mesh, "generator", signal.SIGTERM) == 0
+        assert time.monotonic() - started < 10
+        job = (await http.get(f"/api/status/{job_id}")).json()
+        assert job["status"] == "queued" and job["attempts"] == 1, job
+        await start_service(mesh, "generator")
+        statuses = await check_exactly_once(fault_env, burst)
+    assert statuses == {job_id: "completed"}

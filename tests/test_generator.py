@@ -32,7 +32,7 @@ from imagegen.v1 import (
 from PIL import Image
 
 from services.common import db
-from services.common.events import EventLog
+from services.common.events import EventLog, stream_key
 from services.common.objectstore import content_key, open_store
 from services.common.queue import DEAD_LETTERS, INDEX, STREAM, JobQueue
 from services.common.settings import ROOT, CommonSettings, EvaluatorSettings, GeneratorSettings
@@ -516,6 +516,31 @@ async def test_a_queued_job_whose_queue_entry_was_lost_is_queued_again_and_runs(
         events = await job_events(images, job.id)
     assert events[-1].final.job.status == types_pb2.JOB_STATUS_COMPLETED
     assert events[-1].final.job.attempts == 1
+
+
+async def test_a_job_that_ended_while_redis_was_away_gets_its_final_event_from_the_reconciler(
+    env: ServiceEnv,
+) -> None:
+    async with lifecycle_of(env) as (lifecycle, pool, redis):
+        job = queued_job()
+        await redis.delete(STREAM)  # keep the module's worker away from this job
+        await lifecycle.admit(job)
+        await redis.delete(STREAM)
+        cancelled = await lifecycle.cancel(job.id)
+        assert cancelled.status.value == "cancelled"
+        # As if Redis had been away when it ended: its stream holds no final event.
+        await redis.delete(stream_key(job.id))
+        await pool.execute(
+            "UPDATE jobs SET final_announced = false, updated_at = now() - interval '1 minute'"
+            " WHERE id = $1",
+            uuid.UUID(job.id),
+        )
+        assert job.id in await lifecycle.announce_missing_finals()
+        events = await EventLog(redis, 600).read(job.id, "0-0")
+        assert [e.WhichOneof("payload") for e in events] == ["final"]
+        assert events[0].final.job.status == types_pb2.JOB_STATUS_CANCELLED
+        # Announced once: the next round finds nothing to do.
+        assert job.id not in await lifecycle.announce_missing_finals()
 
 
 async def test_a_running_job_is_held_by_one_attempt_until_its_lease_runs_out(

@@ -58,6 +58,14 @@ class EventLog:
         event.id = event_id
         return event_id
 
+    async def ends_with_final(self, job_id: str) -> bool:
+        """Whether the job's stream holds its final event (always its last)."""
+        response: Any = await self._redis.xrevrange(stream_key(job_id), count=1)
+        return any(
+            events_pb2.JobEvent.FromString(fields[_FIELD]).HasField("final")
+            for _, fields in response or ()
+        )
+
     async def read(self, job_id: str, after: str, count: int = 256) -> list[events_pb2.JobEvent]:
         """Stored events after `after` (live ones come through the gateway's EventHub)."""
         response: Any = await self._redis.xread({stream_key(job_id): after}, count=count)

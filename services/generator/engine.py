@@ -333,7 +333,12 @@ class Engine:
         self._pending = [row for row in self._pending if row not in batch]
         self.batches += 1
         self.batched_rows += len(batch)
-        await self._on_device(_run_batch, runner, batch)
+        try:
+            await self._on_device(_run_batch, runner, batch)
+        except Exception as error:  # the device thread is gone (the engine is closing)
+            for row in batch:
+                _finish(row, ("error", error))
+            raise
 
     def _compatible(self, head: _Row, runner: Runner) -> list[_Row]:
         key = runner.batch_key(head.request)
@@ -357,6 +362,10 @@ class Engine:
             row.post(message)
 
     def close(self) -> None:
+        """Stops scheduling; rows still waiting end with an error (a batch on the device
+        thread finishes and reports)."""
+        for row in list(self._pending):
+            self._end(row, ("error", RuntimeError("the engine stopped")))
         if self._scheduler is not None:
             self._scheduler.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -11,9 +11,12 @@ Same bytes, alone or batched, by construction:
   classifier-free-guidance half), padded with copies of the first row: a row's arithmetic is
   then the same whatever its position or its batch-mates (CPU and GPU kernels pick their
   blocking by shape, so a different batch size could change the last bit of a value);
-- each row's prompt is encoded alone (padded to the tokenizer's fixed length) and its starting
-  noise drawn alone from its own CPU `torch.Generator` seeded with the row's seed;
-- each row is decoded alone, and `encode_png` turns identical pixels into identical bytes.
+- the text encoder and the VAE decoder run at the same fixed batch shape (prompts padded to the
+  tokenizer's fixed length), and a row's starting noise is drawn alone from its own CPU
+  `torch.Generator` seeded with the row's seed;
+- `encode_png` turns identical pixels into identical bytes.
+A text's embedding is kept (a small LRU per model): the negative prompt most requests share, or a
+prompt asked for again, is encoded once.
 Only schedulers whose steps draw no noise are batched (an ancestral sampler draws the noise of
 the whole batch from one generator); a model with another scheduler renders one row at a time.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +50,8 @@ DTYPES: dict[str, torch.dtype] = {
 PNG_COMPRESS_LEVEL = 6
 # Stable Diffusion's VAE works on 8x8 pixel blocks.
 _SIZE_MULTIPLE = 8
+# Text embeddings kept per model (at SD 1.5's width, about 240 KB each).
+EMBEDDING_CACHE_SIZE = 128
 # Schedulers whose step() draws no random numbers (DDIM with the pipelines' eta = 0).
 _NOISELESS_SCHEDULERS = frozenset(
     {
@@ -150,6 +156,7 @@ class SdRunner:
         self.max_batch = max_batch if noiseless else 1
         self._controlnet_paths = dict(controlnets or {})
         self._guided: Any = None  # loaded on the first guided request
+        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         # A diffusers pipeline keeps per-call state on itself: one render at a time.
         self._lock = threading.Lock()
 
@@ -193,7 +200,8 @@ class SdRunner:
         if all(watch.dropped(i) for i in range(len(requests))):
             raise StepCancelled(0, first.steps)
         watch.stage("encoding_prompt")
-        embeds, negatives = zip(*(self._encode(r) for r in requests), strict=True)
+        embeds = self._embed([r.prompt for r in requests])
+        negatives = self._embed([r.negative_prompt or "" for r in requests])
         latents = [self._noise(r) for r in requests]
         pad = self.max_batch - len(requests)
 
@@ -220,20 +228,26 @@ class SdRunner:
             callback_on_step_end=step_end,
         )
         watch.stage("decoding")
-        images: list[Image.Image | None] = []
-        for i in range(len(requests)):
-            images.append(None if watch.dropped(i) else self._decode(output.images[i : i + 1]))
-        return images
+        decoded = self._decode(output.images[: len(requests)])
+        return [None if watch.dropped(i) else image for i, image in enumerate(decoded)]
 
-    def _encode(self, request: RenderRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        positive, negative = self._pipe.encode_prompt(
-            request.prompt,
-            self.device,
-            1,
-            True,
-            request.negative_prompt or "",
-        )
-        return positive, negative
+    def _embed(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Each text's embedding row, encoded at the fixed batch shape (kept for next time)."""
+        cache = self._embeddings
+        missing = [text for text in dict.fromkeys(texts) if text not in cache]
+        for start in range(0, len(missing), self.max_batch):
+            chunk = missing[start : start + self.max_batch]
+            padded = chunk + [chunk[0]] * (self.max_batch - len(chunk))
+            encoded, _ = self._pipe.encode_prompt(padded, self.device, 1, False)
+            for i, text in enumerate(chunk):
+                cache[text] = encoded[i : i + 1]
+        rows = []
+        for text in texts:
+            cache.move_to_end(text)
+            rows.append(cache[text])
+        while len(cache) > EMBEDDING_CACHE_SIZE:
+            cache.popitem(last=False)
+        return rows
 
     def _noise(self, request: RenderRequest) -> torch.Tensor:
         pipe = self._pipe
@@ -247,12 +261,15 @@ class SdRunner:
         noise = torch.randn(shape, generator=generator, dtype=DTYPES[self.dtype])
         return noise.to(self.device)
 
-    def _decode(self, latents: torch.Tensor) -> Image.Image:
-        vae = self._pipe.vae
-        decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        images = self._pipe.image_processor.postprocess(decoded, output_type="pil")
-        image: Image.Image = images[0]
-        return image
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """The rows' images, decoded at the fixed batch shape."""
+        vae, rows = self._pipe.vae, len(latents)
+        padded = torch.cat([latents, *[latents[:1]] * (self.max_batch - rows)])
+        decoded = vae.decode(padded / vae.config.scaling_factor, return_dict=False)[0]
+        images: list[Image.Image] = self._pipe.image_processor.postprocess(
+            decoded[:rows], output_type="pil"
+        )
+        return images
 
     def _render_guided(self, request: RenderRequest, watch: BatchWatch) -> Image.Image | None:
         from services.generator import guidance

@@ -113,12 +113,12 @@ async def start(settings: GeneratorSettings) -> Service:
                 )
             )
         )
-    tasks = supervisor.start()
+    supervisor.start()
     background.append(asyncio.create_task(monitor(running, checks)))
 
     async def stop_workers() -> None:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Jobs in hand get half the grace period to finish; the rest go back on the queue.
+        await supervisor.stop(settings.grace_seconds / 2)
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)

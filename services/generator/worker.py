@@ -65,6 +65,14 @@ class QueueWorker:
         self._cancels = cancels
         self.consumer = consumer
         self.busy_with = ""
+        self._in_hand: CancelToken | None = None
+        self._abandoned = False
+
+    def abandon(self) -> None:
+        """Stops the job in hand at its next step and puts it back on the queue (shutdown)."""
+        self._abandoned = True
+        if self._in_hand is not None:
+            self._in_hand.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Takes and runs jobs until `stop` is set (finishing the job in hand). Nothing a job
@@ -102,10 +110,19 @@ class QueueWorker:
 
     async def _attempt(self, attempt: Attempt) -> None:
         with self._cancels.track(attempt.job_id) as token:
+            self._in_hand = token
+            if self._abandoned:
+                token.set()
             keeper = asyncio.create_task(self._keep_lease(attempt, token))
             try:
                 await self._run(attempt, token)
             except (StepCancelled, AttemptLost):
+                if self._abandoned:  # shutting down: another generator takes it from here
+                    reason = "the generator stopped; queued again"
+                    with contextlib.suppress(AttemptLost):
+                        await self._write(
+                            attempt, lambda: self._lifecycle.retry_or_fail(attempt, reason, False)
+                        )
                 log.info("job %s attempt %d: stopped (cancelled or taken over)", *_ids(attempt))
             except Exception as error:
                 if is_blip(error):
@@ -120,6 +137,7 @@ class QueueWorker:
                     attempt, lambda: self._lifecycle.retry_or_fail(attempt, reason, permanent)
                 )
             finally:
+                self._in_hand = None
                 token.set()  # stops a render still in flight
                 keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -153,7 +171,7 @@ class QueueWorker:
         guidance = await through_blips(
             partial(load_guidance, spec, self._objects), f"job {attempt.job_id}: guidance images"
         )
-        last_persisted = 0.0
+        last_persisted, uploading = 0.0, False
         renders = self._engine.render(spec, token.flag, variants, guidance, spec.preview_every)
         async for item in renders:
             if isinstance(item, Step):
@@ -163,6 +181,7 @@ class QueueWorker:
                 await _best_effort(self._lifecycle.progress(attempt, progress_event(item), persist))
                 continue
             if isinstance(item, Stage):
+                uploading = False  # a later batch of the job's variants
                 await _best_effort(self._lifecycle.stage(attempt, item.name))
                 continue
             if isinstance(item, Preview):
@@ -171,7 +190,9 @@ class QueueWorker:
                 )
                 await _best_effort(self._lifecycle.preview(attempt, preview))
                 continue
-            await _best_effort(self._lifecycle.stage(attempt, "uploading"))
+            if not uploading:
+                uploading = True
+                await _best_effort(self._lifecycle.stage(attempt, "uploading"))
             started = time.perf_counter()
             artifact = await through_blips(
                 partial(save_image, self._objects, item, attempt.job_id),
@@ -271,9 +292,23 @@ class Supervisor:
         self._workers = workers
         self._stop = stop
         self._alive: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> list[asyncio.Task[None]]:
-        return [asyncio.create_task(self._supervise(w)) for w in self._workers]
+        self._tasks = [asyncio.create_task(self._supervise(w)) for w in self._workers]
+        return self._tasks
+
+    async def stop(self, grace: float) -> None:
+        """Lets the workers finish the jobs in hand for up to `grace` seconds, then stops those
+        jobs at their next step and puts them back on the queue."""
+        self._stop.set()
+        if not self._tasks:
+            return
+        _, running = await asyncio.wait(self._tasks, timeout=grace)
+        if running:
+            for worker in self._workers:
+                worker.abandon()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def any_alive(self) -> bool:
         return bool(self._alive)

@@ -448,6 +448,34 @@ class JobLifecycle:
             await self._queue.enqueue(job_id)
         return missing
 
+    async def announce_missing_finals(
+        self, older_than_seconds: float = 2.0, limit: int = 100
+    ) -> list[str]:
+        """Writes the final event of the jobs that ended while Redis was away (their watchers
+        would otherwise wait for ever); a stream that already ends with one is only marked."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM jobs WHERE NOT final_announced"
+                " AND status IN ('completed', 'failed', 'cancelled')"
+                " AND updated_at < now() - make_interval(secs => $1)"
+                " ORDER BY updated_at LIMIT $2",
+                older_than_seconds,
+                limit,
+            )
+        announced = []
+        for (job_uuid,) in rows:
+            job = await self.get(str(job_uuid))
+            if await self._events.ends_with_final(job.id):
+                async with self._connection() as conn:
+                    await conn.execute(
+                        "UPDATE jobs SET final_announced = true WHERE id = $1", job_uuid
+                    )
+                continue
+            log.warning("job %s ended without a final event; announcing it", job.id)
+            await self._write_final(job)
+            announced.append(job.id)
+        return announced
+
     async def forget_expired_keys(self) -> int:
         async with self._connection() as conn:
             status = await conn.execute(
@@ -534,9 +562,18 @@ class JobLifecycle:
         )
 
     async def _announce_final(self, job: JobRecord) -> None:
+        """The final event, then the mark that it was written; a job left unmarked (Redis was
+        away) is announced again by `announce_missing_finals`."""
+        await self._blip_tolerant(self._write_final(job), "final event")
+
+    async def _write_final(self, job: JobRecord) -> None:
         final = events_pb2.JobEvent()
         final.final.job.CopyFrom(job_to_pb(job))
-        await self._blip_tolerant(self._events.append(job.id, final), "final event")
+        await self._events.append(job.id, final)
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE jobs SET final_announced = true WHERE id = $1", parse_job_id(job.id)
+            )
 
     async def _hint_queue(self, job_id: str) -> None:
         await self._blip_tolerant(self._queue.enqueue(job_id), "queue entry")

@@ -7,6 +7,7 @@ entry, so any number of them may run at once. Each round:
   stores for longer than the lease): the next attempt resumes where that one stopped;
 - queues again the queued jobs that have no queue entry (Redis restarted without its data, was
   flushed, failed over to an empty replica, or was away when the job was admitted);
+- writes the final event of jobs that ended while Redis was away;
 - forgets idempotency keys past their lifetime.
 """
 
@@ -28,6 +29,7 @@ log = logging.getLogger("imagegen.reconciler")
 class Repairs:
     leases_expired: int
     requeued: int
+    announced: int = 0
 
 
 async def reconcile_once(
@@ -38,8 +40,9 @@ async def reconcile_once(
     # Jobs just admitted or requeued get their entry from whoever changed them; only those
     # queued for longer than the grace are checked.
     requeued = await lifecycle.repair_queue(queued_grace_seconds)
+    announced = await lifecycle.announce_missing_finals()
     await lifecycle.forget_expired_keys()
-    return Repairs(len(expired), len(requeued))
+    return Repairs(len(expired), len(requeued), len(announced))
 
 
 async def reconcile_forever(
@@ -52,7 +55,7 @@ async def reconcile_forever(
     while not stop.is_set():
         try:
             repairs = await reconcile_once(lifecycle, queue, queued_grace_seconds)
-            if repairs.leases_expired or repairs.requeued:
+            if repairs.leases_expired or repairs.requeued or repairs.announced:
                 log.warning("repaired: %s", repairs)
         except Exception as error:  # the next round tries again
             if is_blip(error):
