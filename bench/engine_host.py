@@ -36,7 +36,7 @@ async def engine_host(plan: dict[str, Any], max_batch: int, reply: TextIO) -> No
 
     settings = GeneratorSettings()
     model = load_registry(settings.model_registry, settings.model_dir).get("")
-    model = dataclasses.replace(model, max_batch=max_batch)
+    model = dataclasses.replace(model, max_batch=max_batch, batch_pixels=0)
     registry = Registry(models={model.id: model}, default=model.id)
     params = plan["params"]
 

@@ -190,3 +190,15 @@ async def test_three_models_in_a_two_model_budget_unload_the_least_recently_used
 def test_a_model_entry_defaults_to_no_batching() -> None:
     spec = ModelSpec(id="m", family="sd", path="/models/m", version="1")
     assert spec.max_batch == 1
+
+
+def test_large_images_render_in_smaller_fixed_batches_under_the_pixel_budget() -> None:
+    spec = ModelSpec(
+        id="m", family="sd", path="/m", version="1", max_batch=4, batch_pixels=128 * 128 * 4
+    )
+    assert spec.batch_shape(64, 64) == 4  # capped by max_batch
+    assert spec.batch_shape(128, 128) == 4
+    assert spec.batch_shape(256, 128) == 2
+    assert spec.batch_shape(256, 256) == 1
+    assert spec.batch_shape(1024, 1024) == 1
+    assert dataclasses.replace(spec, batch_pixels=0).batch_shape(1024, 1024) == 4

@@ -32,13 +32,27 @@ class ModelSpec:
     max_steps: int = 100
     max_variants: int = 8
     price_multiplier: float = 1.0
-    # Rows per denoiser call: every batch runs at this fixed shape (padded), so a request's
-    # bytes do not depend on what it shares a batch with. 1: no batching. Part of the cache key.
+    # Rows per denoiser call: every batch runs at a fixed shape (padded), so a request's bytes
+    # do not depend on what it shares a batch with. 1: no batching. `batch_pixels` (0: none)
+    # lowers the shape for large images, batch_pixels // (width x height) rows at least 1: on a
+    # CPU a large image is compute-bound and padding it only costs. Part of the cache key.
     max_batch: int = 1
+    batch_pixels: int = 0
     # What the model can honour: the guidance image roles it uses, and its ControlNets (name ->
     # ControlNetModel folder). Anything else a request asks for is refused.
     guidance_roles: tuple[str, ...] = ()
     controlnets: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def batch_shape(self, width: int, height: int) -> int:
+        """The fixed number of rows a request of this size renders in (with its batch-mates,
+        or padding)."""
+        return batch_shape(self.max_batch, self.batch_pixels, width, height)
+
+
+def batch_shape(max_batch: int, batch_pixels: int, width: int, height: int) -> int:
+    if not batch_pixels:
+        return max_batch
+    return max(1, min(max_batch, batch_pixels // max(1, width * height)))
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,8 @@ def cache_keys(spec: Spec, model: ModelSpec) -> tuple[str, str]:
         "engine": ENGINE_VERSION,
         "model": model.id,
         "model_version": model.version,
-        "batch_shape": model.max_batch,  # the denoiser's fixed batch shape decides the last bits
+        # The fixed batch shape the request renders in decides the last bits of its pixels.
+        "batch_shape": model.batch_shape(spec.width, spec.height),
         "prompt": normalize_prompt(spec.prompt),
         "fibo": canonical_fibo(spec.fibo_json) if spec.fibo_json is not None else None,
         "negative": normalize_prompt(spec.negative_prompt),

@@ -2,9 +2,10 @@
 
 Every variant to render is a row. Rows wait in one arrival-ordered list; the scheduler takes the
 oldest row, gathers the rows that may share its batch (same model and batch key: size, steps,
-guidance scale; the variants of one job and those of other jobs alike) up to the model's
-`max_batch`, waiting at most `batch_window_s` for more when the batch is not full, and runs the
-batch on the single device thread. A row never waits behind an incompatible one for longer than
+guidance scale; the variants of one job and those of other jobs alike) up to the batch size of
+that image size (the model's `max_batch`, fewer past `batch_pixels`), waiting at most
+`batch_window_s` for more when the batch is not full, and runs the batch on the single device
+thread. A row never waits behind an incompatible one for longer than
 one batch: the next batch always starts from the oldest row left.
 
 A row's bytes do not depend on its batch (see services/generator/pipeline.py). Cancelling a job
@@ -259,7 +260,8 @@ class Engine:
             total=spec.steps * spec.num_variants,
             skipped=spec.steps * (spec.num_variants - len(todo)),
         )
-        max_batch = self._runners[rows[0].model].max_batch if rows[0].model in self._runners else 1
+        runner = self._runners.get(rows[0].model)
+        max_batch = runner.batch_size(rows[0].request) if runner is not None else 1
         self._pending += rows
         self._arrived.set()
         stage = ""
@@ -324,7 +326,8 @@ class Engine:
                 self._end(row, ("error", error))
             return
         batch = self._compatible(head, runner)
-        if len(batch) < runner.max_batch and self._window:
+        size = runner.batch_size(head.request)
+        if len(batch) < size and self._window:
             await asyncio.sleep(self._window)  # a short wait for batch-mates
             self._drop_cancelled()
             if head not in self._pending:
@@ -348,7 +351,7 @@ class Engine:
             row
             for row in self._pending
             if row.model == head.model and runner.batch_key(row.request) == key
-        ][: runner.max_batch]
+        ][: runner.batch_size(head.request)]
 
     def _drop_cancelled(self) -> None:
         for row in [r for r in self._pending if r.cancel.is_set()]:

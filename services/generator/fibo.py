@@ -75,10 +75,11 @@ class FiboRunner:
         # A diffusers pipeline keeps per-call state on itself: one render at a time.
         self._lock = threading.Lock()
 
-    max_batch = 1  # one row per pipeline call (see the module docstring)
-
     def batch_key(self, request: RenderRequest) -> Hashable | None:
-        return None
+        return None  # one row per pipeline call (see the module docstring)
+
+    def batch_size(self, request: RenderRequest) -> int:
+        return 1
 
     def memory_bytes(self) -> int:
         return module_bytes(self._pipe.components.values())

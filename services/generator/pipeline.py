@@ -7,8 +7,9 @@ caller sees every finished denoising step through a `BatchWatch` and can drop an
 steps (the batch stops when every row is dropped).
 
 Same bytes, alone or batched, by construction:
-- the denoiser always runs at the model's fixed batch shape (`max_batch` rows, plus the
-  classifier-free-guidance half), padded with copies of the first row: a row's arithmetic is
+- the denoiser always runs at the fixed batch shape of the request's size (`max_batch` rows,
+  fewer for images past `batch_pixels`; plus the classifier-free-guidance half), padded with
+  copies of the first row: a row's arithmetic is
   then the same whatever its position or its batch-mates (CPU and GPU kernels pick their
   blocking by shape, so a different batch size could change the last bit of a value);
 - the text encoder and the VAE decoder run at the same fixed batch shape (prompts padded to the
@@ -33,7 +34,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from services.common.models import ModelSpec
+from services.common.models import ModelSpec, batch_shape
 from services.common.torch_compat import prepare_torch
 
 prepare_torch()
@@ -112,12 +113,12 @@ class BatchWatch(Protocol):
 
 class Runner(Protocol):
     """One loaded model on one device. `batch_key` says which requests may share a batch
-    (None: this one renders alone); `render` renders them, an image per row (None for a row
-    dropped meanwhile)."""
-
-    max_batch: int
+    (None: this one renders alone) and `batch_size` how many rows that batch holds; `render`
+    renders them, an image per row (None for a row dropped meanwhile)."""
 
     def batch_key(self, request: RenderRequest) -> Hashable | None: ...
+
+    def batch_size(self, request: RenderRequest) -> int: ...
 
     def render(
         self, requests: Sequence[RenderRequest], watch: BatchWatch
@@ -127,8 +128,8 @@ class Runner(Protocol):
 
 
 class SdRunner:
-    """A Stable-Diffusion-family pipeline: text-to-image in batches of the fixed shape
-    `max_batch`; image-to-image and ControlNet one row at a time (see guidance.py)."""
+    """A Stable-Diffusion-family pipeline: text-to-image in batches of a fixed shape per size
+    (`max_batch`, `batch_pixels`); image-to-image and ControlNet one row at a time (guidance.py)."""
 
     def __init__(
         self,
@@ -136,6 +137,7 @@ class SdRunner:
         dtype: str = "float32",
         device: str = "cpu",
         max_batch: int = 1,
+        batch_pixels: int = 0,
         controlnets: Mapping[str, Path] | None = None,
     ) -> None:
         if dtype not in DTYPES:
@@ -154,9 +156,10 @@ class SdRunner:
         self._pipe = pipe
         noiseless = type(pipe.scheduler).__name__ in _NOISELESS_SCHEDULERS
         self.max_batch = max_batch if noiseless else 1
+        self.batch_pixels = batch_pixels
         self._controlnet_paths = dict(controlnets or {})
         self._guided: Any = None  # loaded on the first guided request
-        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._embeddings: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
         # A diffusers pipeline keeps per-call state on itself: one render at a time.
         self._lock = threading.Lock()
 
@@ -164,6 +167,11 @@ class SdRunner:
         if request.guidance is not None:
             return None
         return (request.width, request.height, request.steps, request.guidance_scale)
+
+    def batch_size(self, request: RenderRequest) -> int:
+        if request.guidance is not None:
+            return 1
+        return batch_shape(self.max_batch, self.batch_pixels, request.width, request.height)
 
     def memory_bytes(self) -> int:
         return module_bytes(self._pipe.components.values())
@@ -194,16 +202,17 @@ class SdRunner:
     def _render_text(
         self, requests: Sequence[RenderRequest], watch: BatchWatch
     ) -> list[Image.Image | None]:
-        if len(requests) > self.max_batch:
-            raise ValueError(f"{len(requests)} rows in a batch of {self.max_batch}")
         pipe, first = self._pipe, requests[0]
+        shape = self.batch_size(first)
+        if len(requests) > shape:
+            raise ValueError(f"{len(requests)} rows in a batch of {shape}")
         if all(watch.dropped(i) for i in range(len(requests))):
             raise StepCancelled(0, first.steps)
         watch.stage("encoding_prompt")
-        embeds = self._embed([r.prompt for r in requests])
-        negatives = self._embed([r.negative_prompt or "" for r in requests])
+        embeds = self._embed([r.prompt for r in requests], shape)
+        negatives = self._embed([r.negative_prompt or "" for r in requests], shape)
         latents = [self._noise(r) for r in requests]
-        pad = self.max_batch - len(requests)
+        pad = shape - len(requests)
 
         def padded(rows: Sequence[torch.Tensor]) -> torch.Tensor:
             return torch.cat([*rows, *[rows[0]] * pad])
@@ -228,23 +237,23 @@ class SdRunner:
             callback_on_step_end=step_end,
         )
         watch.stage("decoding")
-        decoded = self._decode(output.images[: len(requests)])
+        decoded = self._decode(output.images[: len(requests)], shape)
         return [None if watch.dropped(i) else image for i, image in enumerate(decoded)]
 
-    def _embed(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        """Each text's embedding row, encoded at the fixed batch shape (kept for next time)."""
+    def _embed(self, texts: Sequence[str], shape: int) -> list[torch.Tensor]:
+        """Each text's embedding row, encoded at the batch shape (kept for next time)."""
         cache = self._embeddings
-        missing = [text for text in dict.fromkeys(texts) if text not in cache]
-        for start in range(0, len(missing), self.max_batch):
-            chunk = missing[start : start + self.max_batch]
-            padded = chunk + [chunk[0]] * (self.max_batch - len(chunk))
+        missing = [text for text in dict.fromkeys(texts) if (shape, text) not in cache]
+        for start in range(0, len(missing), shape):
+            chunk = missing[start : start + shape]
+            padded = chunk + [chunk[0]] * (shape - len(chunk))
             encoded, _ = self._pipe.encode_prompt(padded, self.device, 1, False)
             for i, text in enumerate(chunk):
-                cache[text] = encoded[i : i + 1]
+                cache[shape, text] = encoded[i : i + 1]
         rows = []
         for text in texts:
-            cache.move_to_end(text)
-            rows.append(cache[text])
+            cache.move_to_end((shape, text))
+            rows.append(cache[shape, text])
         while len(cache) > EMBEDDING_CACHE_SIZE:
             cache.popitem(last=False)
         return rows
@@ -261,10 +270,10 @@ class SdRunner:
         noise = torch.randn(shape, generator=generator, dtype=DTYPES[self.dtype])
         return noise.to(self.device)
 
-    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """The rows' images, decoded at the fixed batch shape."""
+    def _decode(self, latents: torch.Tensor, shape: int) -> list[Image.Image]:
+        """The rows' images, decoded at the batch shape."""
         vae, rows = self._pipe.vae, len(latents)
-        padded = torch.cat([latents, *[latents[:1]] * (self.max_batch - rows)])
+        padded = torch.cat([latents, *[latents[:1]] * (shape - rows)])
         decoded = vae.decode(padded / vae.config.scaling_factor, return_dict=False)[0]
         images: list[Image.Image] = self._pipe.image_processor.postprocess(
             decoded[:rows], output_type="pil"
@@ -326,6 +335,7 @@ def open_runner(model: ModelSpec, device: str) -> Runner:
             dtype=model.dtype,
             device=device,
             max_batch=model.max_batch,
+            batch_pixels=model.batch_pixels,
             controlnets={name: Path(path) for name, path in model.controlnets.items()},
         )
     if model.family == "fibo":
