@@ -18,15 +18,6 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_ID = 0x1A6E6E11
 
 
-class _Connection(asyncpg.Connection):  # type: ignore[misc]
-    """Released to the pool without a reset query: the services keep no session state
-    (settings, cursors, LISTEN, advisory locks past the migration's own), and the round trip
-    would double the cost of a one-query status read. An open transaction is still ended."""
-
-    def get_reset_query(self) -> str:
-        return ""
-
-
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -39,8 +30,10 @@ async def connect(url: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Po
         url,
         min_size=min_size,
         max_size=max_size,
+        # asyncpg's reset query on release stays: it costs a round trip per use, but a
+        # connection broken mid-query (a Postgres restart) fails it and is closed instead of
+        # going back to the pool half-way through an operation.
         init=_init_connection,
-        connection_class=_Connection,
     )
     await migrate(pool)
     return pool
