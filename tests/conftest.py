@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 import pytest_asyncio
+from imagegen.v1 import image_service_pb2_grpc
 
 from services.common.server import Service
 from services.common.settings import (
@@ -203,3 +205,10 @@ async def start_in_process(env: ServiceEnv, names: tuple[str, ...], workers: int
         await mesh.stop()
         raise
     return mesh
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def images(mesh: Mesh) -> AsyncIterator[image_service_pb2_grpc.ImageServiceStub]:
+    """An ImageService stub on the gateway of the module's `mesh` (modules that start one)."""
+    async with grpc.aio.insecure_channel(mesh.addr("gateway")) as channel:
+        yield image_service_pb2_grpc.ImageServiceStub(channel)

@@ -42,12 +42,6 @@ async def mesh(env: ServiceEnv) -> AsyncIterator[Mesh]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def images(mesh: Mesh) -> AsyncIterator[image_service_pb2_grpc.ImageServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.addr("gateway")) as channel:
-        yield image_service_pb2_grpc.ImageServiceStub(channel)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def cache(mesh: Mesh) -> AsyncIterator[cache_service_pb2_grpc.CacheServiceStub]:
     async with grpc.aio.insecure_channel(mesh.addr("cache")) as channel:
         yield cache_service_pb2_grpc.CacheServiceStub(channel)

@@ -29,9 +29,9 @@ from services.common.errors import InvalidArgument
 from services.common.fibo import fibo_schema_violations
 from services.common.models import Registry, load_registry
 from services.common.settings import ROOT
-from services.common.spec import MAX_REPORTED, Spec, cache_keys, resolve
-from services.generator.fibo import FiboRow, FiboRunner
-from services.generator.pipeline import StepCancelled, encode_png
+from services.common.spec import MAX_REPORTED, Spec, cache_keys, fibo_prompt_text, resolve
+from services.generator.fibo import FiboRunner
+from services.generator.pipeline import RenderRequest, StepCancelled, encode_png
 from services.generator.tiny_models import TINY_FIBO_NAME, build_tiny_fibo
 from services.jobs.records import decode_spec, encode_spec
 from services.mesh import free_port
@@ -45,8 +45,8 @@ PROMPT: dict[str, Any] = {
     "lighting": {"conditions": "overcast", "direction": "from the left", "shadows": "soft"},
     "style_medium": "photograph",
 }
-ROW = FiboRow(
-    fibo_json=PROMPT,
+ROW = RenderRequest(
+    prompt=fibo_prompt_text(PROMPT),
     negative_prompt="",
     width=128,
     height=64,
@@ -71,7 +71,7 @@ def _never() -> bool:
     return False
 
 
-def _png(runner: FiboRunner, *rows: FiboRow) -> list[bytes]:
+def _png(runner: FiboRunner, *rows: RenderRequest) -> list[bytes]:
     return [encode_png(image) for image in runner.render_rows(rows, _no_progress, _never)]
 
 
@@ -131,14 +131,18 @@ def test_tiny_fibo_renders_different_seeds_differently(runner: FiboRunner) -> No
 
 
 def test_tiny_fibo_renders_the_prompt_and_the_negative_prompt(runner: FiboRunner) -> None:
-    other_prompt = dataclasses.replace(ROW, fibo_json={**PROMPT, "style_medium": "oil painting"})
+    other_prompt = dataclasses.replace(
+        ROW, prompt=fibo_prompt_text({**PROMPT, "style_medium": "oil painting"})
+    )
     negative = dataclasses.replace(ROW, negative_prompt="blurry")
     assert len({*_png(runner, ROW), *_png(runner, other_prompt), *_png(runner, negative)}) == 3
 
 
 def test_key_order_and_nulls_do_not_change_the_pixels(runner: FiboRunner) -> None:
     reordered = {key: PROMPT[key] for key in reversed(PROMPT)} | {"context": None}
-    assert _png(runner, ROW) == _png(runner, dataclasses.replace(ROW, fibo_json=reordered))
+    assert _png(runner, ROW) == _png(
+        runner, dataclasses.replace(ROW, prompt=fibo_prompt_text(reordered))
+    )
 
 
 def test_a_row_renders_the_same_bytes_alone_as_after_another_row(runner: FiboRunner) -> None:
@@ -302,12 +306,6 @@ async def mesh(env: ServiceEnv) -> AsyncIterator[Mesh]:
     started = await start_in_process(env, ("cache", "gateway"))
     yield started
     await started.stop()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def images(mesh: Mesh) -> AsyncIterator[image_service_pb2_grpc.ImageServiceStub]:
-    async with grpc.aio.insecure_channel(mesh.addr("gateway")) as channel:
-        yield image_service_pb2_grpc.ImageServiceStub(channel)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

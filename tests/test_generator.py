@@ -518,14 +518,20 @@ async def test_a_queued_job_whose_queue_entry_was_lost_is_queued_again_and_runs(
     assert events[-1].final.job.attempts == 1
 
 
+async def admitted_off_queue(lifecycle: JobLifecycle, redis: aioredis.Redis) -> JobRecord:
+    """A queued job with no queue entry: the module's worker leaves it to the test."""
+    job = queued_job()
+    await redis.delete(STREAM)
+    await lifecycle.admit(job)
+    await redis.delete(STREAM)
+    return job
+
+
 async def test_a_job_that_ended_while_redis_was_away_gets_its_final_event_from_the_reconciler(
     env: ServiceEnv,
 ) -> None:
     async with lifecycle_of(env) as (lifecycle, pool, redis):
-        job = queued_job()
-        await redis.delete(STREAM)  # keep the module's worker away from this job
-        await lifecycle.admit(job)
-        await redis.delete(STREAM)
+        job = await admitted_off_queue(lifecycle, redis)
         cancelled = await lifecycle.cancel(job.id)
         assert cancelled.status.value == "cancelled"
         # As if Redis had been away when it ended: its stream holds no final event.
@@ -547,10 +553,7 @@ async def test_a_running_job_is_held_by_one_attempt_until_its_lease_runs_out(
     env: ServiceEnv,
 ) -> None:
     async with lifecycle_of(env) as (lifecycle, pool, redis):
-        job = queued_job()
-        await redis.delete(STREAM)  # keep the module's worker away from this job
-        await lifecycle.admit(job)
-        await redis.delete(STREAM)
+        job = await admitted_off_queue(lifecycle, redis)
         first = await lifecycle.start_attempt(job.id)
         assert first is not None and first.number == 1
         # A second delivery of the same job (a duplicate entry) finds it held ...

@@ -180,7 +180,7 @@ def pipe(model_dir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def controlnets(registry: Registry) -> dict[str, Any]:
-    return load_controlnets(registry.get("tiny-sd"), torch.float32, "cpu")
+    return load_controlnets(registry.get("tiny-sd").controlnets, torch.float32, "cpu")
 
 
 def render(

@@ -155,8 +155,7 @@ class Engine:
         self._load_lock = asyncio.Lock()
         self._scheduler: asyncio.Task[None] | None = None
         self.ready = False
-        self.batches = 0  # batches run, and their rows: for tests and benchmarks
-        self.batched_rows = 0
+        self.batches = 0  # batches started: for tests
 
     @property
     def resident(self) -> list[str]:
@@ -234,9 +233,10 @@ class Engine:
         todo = list(range(spec.num_variants) if variants is None else variants)
         if not todo:
             return
+        model = self._registry.get(spec.model).id
         rows = [
             _Row(
-                model=self._registry.get(spec.model).id,
+                model=model,
                 variant_index=index,
                 request=RenderRequest(
                     prompt=spec.text_prompt(),
@@ -335,7 +335,6 @@ class Engine:
             batch = self._compatible(head, runner)
         self._pending = [row for row in self._pending if row not in batch]
         self.batches += 1
-        self.batched_rows += len(batch)
         try:
             await self._on_device(_run_batch, runner, batch)
         except Exception as error:  # the device thread is gone (the engine is closing)

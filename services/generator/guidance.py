@@ -32,7 +32,6 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
 
-from services.common.models import ModelSpec
 from services.common.objectstore import ObjectStore
 from services.common.spec import DEFAULT_STRENGTH, Spec
 from services.common.torch_compat import prepare_torch
@@ -240,13 +239,6 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def load_controlnets(
-    model: ModelSpec, dtype: torch.dtype | str, device: str
-) -> dict[str, ControlNetModel]:
-    """The model's ControlNets (name -> ControlNetModel) from their local folders, on `device`."""
-    return load_controlnets_from(model.controlnets, dtype, device)
-
-
-def load_controlnets_from(
     folders: Mapping[str, str | Path], dtype: torch.dtype | str, device: str
 ) -> dict[str, ControlNetModel]:
     """ControlNets (name -> ControlNetModel) from local folders, in `dtype` (a torch dtype or

@@ -140,20 +140,12 @@ class SdRunner:
         batch_pixels: int = 0,
         controlnets: Mapping[str, Path] | None = None,
     ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
-        diffusers.utils.logging.disable_progress_bar()
-        pipe = diffusers.DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-            str(model_path), local_files_only=True, dtype=DTYPES[dtype]
-        )
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        self._pipe = pipe
+        self._pipe = pipe = load_pipeline(model_path, dtype, device)
         noiseless = type(pipe.scheduler).__name__ in _NOISELESS_SCHEDULERS
         self.max_batch = max_batch if noiseless else 1
         self.batch_pixels = batch_pixels
@@ -193,7 +185,7 @@ class SdRunner:
         self, requests: Sequence[RenderRequest], watch: BatchWatch
     ) -> list[Image.Image | None]:
         for request in requests:
-            _check_request(request)
+            check_render(request.steps, request.width, request.height)
         with self._lock, torch.inference_mode():
             if requests[0].guidance is not None:
                 return [self._render_guided(requests[0], watch)]
@@ -284,7 +276,7 @@ class SdRunner:
         from services.generator import guidance
 
         if self._guided is None:
-            self._guided = guidance.load_controlnets_from(
+            self._guided = guidance.load_controlnets(
                 self._controlnet_paths, self.dtype, self.device
             )
         watch.stage("denoising")
@@ -325,6 +317,20 @@ class _OneRow:
 
     def dropped(self, row: int) -> bool:
         return self._should_stop()
+
+
+def load_pipeline(model_path: Path, dtype: str, device: str) -> Any:
+    """A diffusers pipeline folder through `from_pretrained` (local files only), on `device`,
+    with no progress bars."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    diffusers.utils.logging.disable_progress_bar()
+    pipe = diffusers.DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
+        str(model_path), local_files_only=True, dtype=DTYPES[dtype]
+    )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def open_runner(model: ModelSpec, device: str) -> Runner:
@@ -378,9 +384,10 @@ def module_bytes(components: Any) -> int:
     return total
 
 
-def _check_request(req: RenderRequest) -> None:
-    if req.steps < 1:
-        raise ValueError(f"steps must be at least 1, not {req.steps}")
-    for name, value in (("width", req.width), ("height", req.height)):
-        if value < _SIZE_MULTIPLE or value % _SIZE_MULTIPLE:
-            raise ValueError(f"{name} must be a positive multiple of {_SIZE_MULTIPLE}, not {value}")
+def check_render(steps: int, width: int, height: int, multiple: int = _SIZE_MULTIPLE) -> None:
+    """ValueError for a step count or size a pipeline cannot take."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, not {steps}")
+    for name, value in (("width", width), ("height", height)):
+        if value < multiple or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, not {value}")
