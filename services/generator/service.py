@@ -117,8 +117,9 @@ async def start(settings: GeneratorSettings) -> Service:
     background.append(asyncio.create_task(monitor(running, checks)))
 
     async def stop_workers() -> None:
-        # Jobs in hand get half the grace period to finish; the rest go back on the queue.
-        await supervisor.stop(settings.grace_seconds / 2)
+        # The gRPC drain, the workers and the pool share the grace period: jobs in hand get a
+        # quarter of it to finish, then go back on the queue (a quarter more at most).
+        await supervisor.stop(settings.grace_seconds / 4)
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -127,7 +128,10 @@ async def start(settings: GeneratorSettings) -> Service:
         for channel in channels:
             await channel.close()
         await redis.aclose()
-        await pool.close()
+        try:  # waits for connections in use; one that never comes back must not hold the exit
+            await asyncio.wait_for(pool.close(), settings.grace_seconds / 4)
+        except TimeoutError:
+            pool.terminate()
         engine.close()
 
     return Service(running, [close, stop_workers])

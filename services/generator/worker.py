@@ -81,7 +81,11 @@ class QueueWorker:
         while not stop.is_set():
             try:
                 delivery = await self._queue.claim(self.consumer, block_ms=1000)
-                if delivery is not None:
+                if delivery is not None and stop.is_set():
+                    # Claimed while stopping: a fresh entry for the next generator, no attempt.
+                    await self._queue.enqueue(delivery.job_id)
+                    await self._queue.ack(delivery)
+                elif delivery is not None:
                     await self.process(delivery)
                 delay = 0.1
             except Exception as error:
@@ -300,7 +304,9 @@ class Supervisor:
 
     async def stop(self, grace: float) -> None:
         """Lets the workers finish the jobs in hand for up to `grace` seconds, then stops those
-        jobs at their next step and puts them back on the queue."""
+        jobs at their next step and puts them back on the queue; a worker still busy after
+        another `grace` (a store call that does not return) is cancelled: its job's lease
+        runs out and the reconciler queues it again."""
         self._stop.set()
         if not self._tasks:
             return
@@ -308,6 +314,12 @@ class Supervisor:
         if running:
             for worker in self._workers:
                 worker.abandon()
+            _, running = await asyncio.wait(running, timeout=grace)
+        if running:
+            busy = [w.busy_with for w in self._workers if w.busy_with]
+            log.warning("workers still busy (jobs %s) at shutdown: cancelled", busy)
+            for task in running:
+                task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
     async def any_alive(self) -> bool:
