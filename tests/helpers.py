@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
+
+from services.common.spec import Spec
+from services.jobs.records import JobRecord, JobStatus
 
 
 def violations(error: grpc.aio.AioRpcError) -> list[str]:
@@ -18,3 +23,23 @@ def violations(error: grpc.aio.AioRpcError) -> list[str]:
         if detail.Unpack(bad_request):
             fields += [v.field for v in bad_request.field_violations]
     return fields
+
+
+def queued_job() -> JobRecord:
+    """A queued job as a gateway admits it."""
+    return JobRecord(
+        id=str(uuid.uuid4()),
+        status=JobStatus.QUEUED,
+        spec=Spec(
+            prompt=f"a kite {uuid.uuid4().hex}",
+            model="tiny-sd",
+            width=64,
+            height=64,
+            steps=4,
+            num_variants=1,
+            seed=3,
+            guidance_scale=7.5,
+        ),
+        cache_key="written-by-the-test",
+        cost_cents=1,
+    )

@@ -23,7 +23,11 @@ import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
 
-from services.common.events import stream_key
+from services.common import db
+from services.common.events import EventLog, stream_key
+from services.common.queue import JobQueue
+from services.common.retry import StoreUnavailable
+from services.jobs.lifecycle import JobLifecycle
 from services.mesh import Mesh
 from tests.faults import (  # noqa: F401 - fixtures
     FaultEnv,
@@ -34,6 +38,7 @@ from tests.faults import (  # noqa: F401 - fixtures
     restart_service,
     start_service,
 )
+from tests.helpers import queued_job
 
 pytestmark = pytest.mark.faults
 
@@ -276,6 +281,47 @@ async def test_a_postgres_restart_under_load_refuses_truthfully_and_loses_no_acc
     assert set(statuses.values()) == {"completed"}
     await wait_health(mesh, "generator", True)
     await wait_health(mesh, "gateway", True)
+
+
+async def test_postgres_killed_under_concurrent_writes_raises_only_store_unavailable(
+    fault_env: FaultEnv,
+) -> None:
+    """A connection that breaks mid-transaction can leave asyncpg's protocol busy, so that the
+    COMMIT or the pool's reset raises InternalClientError: the lifecycle must report that as the
+    store being away (503), never as an internal error, and a job it said it admitted exists."""
+    pool = await db.connect(fault_env.database_url, max_size=16)
+    redis = aioredis.from_url(fault_env.redis_url)
+    lifecycle = JobLifecycle(pool, redis, EventLog(redis, 600), JobQueue(redis))
+    admitted: list[str] = []
+    unavailable = 0
+    done = asyncio.Event()
+
+    async def admit_until_done() -> None:
+        nonlocal unavailable
+        while not done.is_set():
+            try:
+                admitted.append((await lifecycle.admit(queued_job())).job.id)
+            except StoreUnavailable:
+                unavailable += 1
+                await asyncio.sleep(0.01)
+
+    writers = [asyncio.create_task(admit_until_done()) for _ in range(16)]
+    try:
+        for _ in range(4):
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(fault_env.postgres.restart, 0.5, hard=True)
+        await asyncio.sleep(1.0)
+    finally:
+        done.set()
+        outcomes = await asyncio.gather(*writers, return_exceptions=True)
+    try:
+        assert [o for o in outcomes if o is not None] == []  # nothing but StoreUnavailable
+        assert unavailable > 0, "the kills were never noticed"
+        rows = await pool.fetch("SELECT id::text FROM jobs WHERE id = ANY($1::uuid[])", admitted)
+        assert len(rows) == len(admitted)
+    finally:
+        await redis.aclose()
+        await pool.close()
 
 
 async def test_health_reports_not_serving_while_postgres_is_away_and_serving_after(

@@ -36,11 +36,10 @@ from services.common.events import EventLog, stream_key
 from services.common.objectstore import content_key, open_store
 from services.common.queue import DEAD_LETTERS, INDEX, STREAM, JobQueue
 from services.common.settings import ROOT, CommonSettings, EvaluatorSettings, GeneratorSettings
-from services.common.spec import Spec
 from services.jobs.lifecycle import JobLifecycle
 from services.jobs.records import JobRecord, JobStatus
 from tests.conftest import Mesh, ServiceEnv, start_in_process
-from tests.helpers import violations
+from tests.helpers import queued_job, violations
 
 WAIT = 30.0
 TINY = json.loads((ROOT / "deploy" / "models" / "tiny.json").read_text())
@@ -468,26 +467,6 @@ async def test_watching_after_the_final_event_ends_at_once_with_nothing_more(
         f"/api/status/stream/{created.job.id}", headers={"Last-Event-ID": last}
     )
     assert response.status_code == 204
-
-
-def queued_job() -> JobRecord:
-    """A queued job as a gateway admits it."""
-    return JobRecord(
-        id=str(uuid.uuid4()),
-        status=JobStatus.QUEUED,
-        spec=Spec(
-            prompt=f"a kite {uuid.uuid4().hex}",
-            model="tiny-sd",
-            width=64,
-            height=64,
-            steps=4,
-            num_variants=1,
-            seed=3,
-            guidance_scale=7.5,
-        ),
-        cache_key="written-by-the-test",
-        cost_cents=1,
-    )
 
 
 @contextlib.asynccontextmanager

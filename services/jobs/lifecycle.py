@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,7 +34,7 @@ from services.common.convert import artifact_to_pb, job_to_pb
 from services.common.errors import Conflict, NotFound
 from services.common.events import EventLog
 from services.common.queue import JobQueue
-from services.common.retry import StoreUnavailable, is_blip
+from services.common.retry import STORE_ERRORS, StoreUnavailable, is_blip
 from services.jobs.records import (
     ArtifactRecord,
     Attempt,
@@ -594,18 +594,42 @@ class JobLifecycle:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; a blip becomes StoreUnavailable. The release is apart from the
+        outcome: once the body ran (a transaction committed), a connection that breaks while it
+        is reset for the pool (asyncpg raises, and drops it) must not turn a done operation into
+        a reported failure."""
+        with _blips_unavailable():
+            conn = await self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS)
         try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_SECONDS) as conn:
+            with _blips_unavailable(conn):
                 yield conn
-        except Exception as error:
-            if isinstance(error, StoreUnavailable) or not is_blip(error):
-                raise
-            raise StoreUnavailable("the job store is unavailable") from error
+        finally:
+            try:
+                await self._pool.release(conn)
+            except (asyncpg.InternalClientError, *STORE_ERRORS) as error:
+                # The pool has closed it; the next acquire opens another.
+                log.warning("a connection broke on release (%s: %s)", type(error).__name__, error)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
         async with self._connection() as conn, conn.transaction():
             yield conn
+
+
+@contextlib.contextmanager
+def _blips_unavailable(conn: asyncpg.Connection | None = None) -> Iterator[None]:
+    """A blip raised inside becomes the domain's StoreUnavailable; any other error passes. On a
+    connection that broke mid-operation asyncpg can also raise InternalClientError (its state
+    machine still busy); with `conn` closed, that is a blip too."""
+    try:
+        yield
+    except Exception as error:
+        broke = (
+            isinstance(error, asyncpg.InternalClientError) and conn is not None and conn.is_closed()
+        )
+        if isinstance(error, StoreUnavailable) or not (is_blip(error) or broke):
+            raise
+        raise StoreUnavailable("the job store is unavailable") from error
 
 
 def _job(row: asyncpg.Record) -> JobRecord:
