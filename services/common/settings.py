@@ -40,6 +40,8 @@ class CommonSettings(BaseSettings):
 
     model_registry: Path = ROOT / "deploy" / "models" / "tiny.json"
     model_dir: Path = Path(".data/models")
+    # The content policy: prompt moderation (gateway) and image safety (evaluator).
+    safety_policy: Path = ROOT / "deploy" / "safety" / "policy.toml"
 
     cache_addr: str = "127.0.0.1:50052"
     generator_addr: str = "127.0.0.1:50053"
