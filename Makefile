@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements/*.txt
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q -c requirements/constraints.txt torch==2.13.0
-	$(PIP) install -q -c requirements/constraints.txt -r requirements/base.txt -r requirements/ml.txt -r requirements/dev.txt
+	$(PIP) install -q -c requirements/constraints.txt -r requirements/base.txt -r requirements/moderation.txt -r requirements/ml.txt -r requirements/dev.txt
 	touch $@
 
 ## proto: generate Python code and .pyi stubs from protos/ into gen/ (never committed).

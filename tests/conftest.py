@@ -11,7 +11,7 @@ import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,8 @@ class ServiceEnv:
     model_dir: Path
     data_dir: Path
     http_port: int
+    # Settings every service of the module gets (e.g. a test's content policy).
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def settings(self, cls: type[Any], **overrides: Any) -> Any:
         values: dict[str, Any] = {
@@ -115,6 +117,7 @@ class ServiceEnv:
             "grace_seconds": 1.0,
             "public_base_url": f"http://127.0.0.1:{self.http_port}",
         }
+        values.update(self.overrides)
         values.update(overrides)
         return cls(**values)
 

@@ -67,6 +67,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /src/gen gen/
 COPY services/ services/
 COPY deploy/models/ deploy/models/
+COPY deploy/safety/ deploy/safety/
 COPY deploy/healthcheck.py deploy/healthcheck.py
 RUN python -m compileall -q gen services deploy/healthcheck.py
 USER ${UID}:${UID}

@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # The gateway: gRPC ImageService + CostService on 50051, the HTTP facade on 8080.
-# Only requirements/base.txt: this image carries no torch.
+# Only requirements/base.txt and requirements/moderation.txt (the prompt classifier): this image
+# carries no torch.
 #
 #   docker build -f deploy/docker/gateway.Dockerfile -t imagegen/gateway:dev .
 #
@@ -16,7 +17,8 @@ WORKDIR /src
 COPY requirements/ requirements/
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -m venv /opt/venv \
- && /opt/venv/bin/pip install -c requirements/constraints.txt -r requirements/base.txt
+ && /opt/venv/bin/pip install -c requirements/constraints.txt -r requirements/base.txt \
+      -r requirements/moderation.txt
 # protoc runs from its own throw-away environment (grpcio-tools at the version dev.txt pins), so
 # nothing of it reaches the runtime image.
 RUN --mount=type=cache,target=/root/.cache/pip \
@@ -52,6 +54,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /src/gen gen/
 COPY services/ services/
 COPY deploy/models/ deploy/models/
+COPY deploy/safety/ deploy/safety/
 COPY deploy/healthcheck.py deploy/healthcheck.py
 RUN python -m compileall -q gen services deploy/healthcheck.py
 USER ${UID}:${UID}

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, struct_pb2
 from imagegen.v1 import events_pb2, types_pb2
 
-from services.common.errors import FieldViolation, InvalidArgument
+from services.common.errors import FieldViolation, InvalidArgument, PolicyRefused
 from services.common.spec import ControlNet, GuidanceImage, Spec
 from services.jobs.records import ArtifactRecord, JobRecord, JobStatus
 
@@ -139,6 +139,8 @@ def _pb_path(field: str, prefix: str) -> str:
 def with_pb_fields(error: InvalidArgument, prefix: str = "spec") -> InvalidArgument:
     """The same violations named by their protobuf paths (`width` -> `spec.width_px`); fields
     that are not spec fields keep their names."""
+    if isinstance(error, PolicyRefused):
+        return PolicyRefused(error.category, _pb_path(error.field, prefix))
     return InvalidArgument(
         [FieldViolation(_pb_path(v.field, prefix), v.description) for v in error.violations]
     )
@@ -149,7 +151,13 @@ def artifact_to_pb(
 ) -> types_pb2.Artifact:
     """The artifact as a message; `url_for` signs a download URL (events and the cache carry
     none: URLs expire, so they are signed when handed to a client)."""
-    evaluation = types_pb2.Evaluation(nsfw=artifact.nsfw)
+    evaluation = types_pb2.Evaluation(
+        nsfw=artifact.nsfw,
+        clip_model=artifact.clip_model,
+        clip_calibrated=artifact.clip_calibrated,
+        lpips_model=artifact.lpips_model,
+        lpips_calibrated=artifact.lpips_calibrated,
+    )
     for name in ("clip_score", "lpips_diversity", "lpips_to_reference"):
         value = getattr(artifact, name)
         if value is not None:
@@ -184,6 +192,10 @@ def artifact_from_pb(message: types_pb2.Artifact, job_id: str) -> ArtifactRecord
         lpips_to_reference=e.lpips_to_reference if e.HasField("lpips_to_reference") else None,
         nsfw=e.nsfw,
         is_primary=message.is_primary,
+        clip_model=e.clip_model,
+        clip_calibrated=e.clip_calibrated,
+        lpips_model=e.lpips_model,
+        lpips_calibrated=e.lpips_calibrated,
     )
 
 
@@ -203,6 +215,10 @@ def job_to_pb(job: JobRecord, url_for: Callable[[str], str] | None = None) -> ty
         retryable=job.retryable,
         evaluator_models=job.evaluator_models,
         notices=job.spec.notices,
+        withheld=[
+            types_pb2.WithheldVariant(variant_index=w.variant_index, category=w.category)
+            for w in job.withheld
+        ],
     )
     if job.created_at is not None:
         message.create_time.FromDatetime(job.created_at)

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from imagegen.v1 import types_pb2
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,20 @@ class InvalidArgument(ServiceError):
                 ]
             )
         ]
+
+
+class PolicyRefused(InvalidArgument):
+    """A request the content policy refused: names the category and the field that carried it,
+    never the text that matched."""
+
+    def __init__(self, category: str, field: str) -> None:
+        super().__init__([FieldViolation(field, f"refused by the content policy ({category})")])
+        self.category = category
+        self.field = field
+
+    def details(self) -> list[Any]:
+        violation = types_pb2.PolicyViolation(category=self.category, field=self.field)
+        return [*super().details(), violation]
 
 
 class NotFound(ServiceError):
@@ -179,6 +194,8 @@ def to_http_body(error: ServiceError) -> dict[str, Any]:
         body["field_violations"] = [
             {"field": v.field, "description": v.description} for v in error.violations
         ]
+    if isinstance(error, PolicyRefused):
+        body["policy_violation"] = {"category": error.category, "field": error.field}
     return {"error": body}
 
 
@@ -190,6 +207,9 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ServiceError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations = []
         for detail in status.details if status else []:
+            policy = types_pb2.PolicyViolation()
+            if detail.Unpack(policy):
+                return PolicyRefused(policy.category, policy.field)
             bad_request = error_details_pb2.BadRequest()
             if detail.Unpack(bad_request):
                 violations += [

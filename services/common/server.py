@@ -26,7 +26,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class PortInUse(RuntimeError):
+class StartupRefused(RuntimeError):
+    """A service cannot run as configured (a taken port, a missing model file, a bad policy):
+    it logs the message, which names what is wrong, and exits with status 2."""
+
+
+class PortInUse(StartupRefused):
     """The service's address is taken: it refuses to start rather than share it."""
 
 
@@ -152,7 +157,7 @@ def run(start: Callable[[], Awaitable[Service]], grace: float) -> None:
     async def main() -> None:
         try:
             service = await start()
-        except PortInUse as error:
+        except StartupRefused as error:
             log.error("%s", error)
             raise SystemExit(2) from None
         await wait_for_signal()

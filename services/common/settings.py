@@ -108,8 +108,26 @@ class GeneratorSettings(CommonSettings):
 
 class EvaluatorSettings(CommonSettings):
     listen_addr: str = "127.0.0.1:50054"
+    # CLIP, one of two ways. A folder in open_clip's hub layout (open_clip_config.json and its
+    # weights; the tiny build by default): CLIP_DIR. Or an open_clip model config, a built-in
+    # name ("ViT-B-32") or a JSON file, with a checkpoint file (.safetensors or .pt):
+    # CLIP_MODEL and CLIP_CHECKPOINT.
     clip_dir: Path | None = None
+    clip_model: str = ""
+    clip_checkpoint: Path | None = None
+    # torchvision AlexNet weights for LPIPS's backbone (without: seeded-random, uncalibrated).
     lpips_backbone: Path | None = None
+    # Fixed batch shapes: every run of a network has this many rows, padded with zeros, so an
+    # image's scores never depend on its batch-mates.
+    clip_image_batch: int = Field(default=8, ge=1)
+    clip_text_batch: int = Field(default=4, ge=1)
+    lpips_batch: int = Field(default=8, ge=1)
+    # How long a scoring round waits for concurrent calls to join it, and how many images it
+    # takes at most (a call is never split; 1 scores one call at a time).
+    batch_window_ms: float = Field(default=5.0, ge=0)
+    max_batch_images: int = Field(default=64, ge=1)
+    # CLIP image embeddings kept by image SHA-256 (Screen then Evaluate encodes an image once).
+    embedding_cache_size: int = Field(default=256, ge=0)
 
     def clip_path(self) -> Path:
         return self.clip_dir or self.model_dir / "tiny-clip"

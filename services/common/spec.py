@@ -101,6 +101,14 @@ class Spec:
             return fibo_prompt_text(self.fibo_json)
         return self.prompt
 
+    def scoring_text(self) -> str:
+        """The text CLIP scores the images against: the prompt, or a FIBO prompt rendered as a
+        sentence (its short description first: CLIP reads only 77 tokens, and JSON syntax
+        would spend them on braces and key names)."""
+        if self.fibo_json is not None:
+            return fibo_caption(self.fibo_json)
+        return self.prompt
+
     def reference_key(self) -> str:
         return next((g.key for g in self.guidance_images if g.role == "reference"), "")
 
@@ -125,6 +133,22 @@ def canonical_fibo(value: Any) -> Any:
 def fibo_prompt_text(fibo: dict[str, Any]) -> str:
     """A FIBO prompt as the canonical JSON text its pipeline encodes."""
     return json.dumps(canonical_fibo(fibo), sort_keys=True)
+
+
+# The FIBO fields a caption is made of, most telling first.
+_CAPTION_FIELDS = ("short_description", "style_medium", "artistic_style", "background_setting")
+
+
+def fibo_caption(fibo: dict[str, Any]) -> str:
+    """A FIBO prompt as plain sentences: short description, the objects' descriptions, then
+    medium, style and setting; empty parts skipped."""
+    parts = [fibo.get("short_description")]
+    objects = fibo.get("objects")
+    if isinstance(objects, list):
+        parts += [o.get("description") for o in objects if isinstance(o, dict)]
+    parts += [fibo.get(name) for name in _CAPTION_FIELDS[1:]]
+    sentences = [p.strip().rstrip(".") for p in parts if isinstance(p, str) and p.strip()]
+    return ". ".join(sentences) + "." if sentences else fibo_prompt_text(fibo)
 
 
 def cache_keys(spec: Spec, model: ModelSpec) -> tuple[str, str]:

@@ -1,65 +1,87 @@
-"""EvaluatorService over gRPC: fetch the images, score them on the scoring thread."""
+"""EvaluatorService over gRPC: check the request, call the domain evaluator, convert back."""
 
 from __future__ import annotations
 
-import asyncio
-import io
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 from imagegen.v1 import evaluator_service_pb2 as pb
 from imagegen.v1 import evaluator_service_pb2_grpc, types_pb2
-from PIL import Image, UnidentifiedImageError
 
-from services.common.errors import InvalidArgument, NotFound, Unavailable
-from services.common.objectstore import ObjectStore, check_key
-from services.evaluator.scoring import Scorer
+from services.common.errors import FieldViolation, InvalidArgument, Unavailable
+from services.evaluator.evaluator import EvaluateResult, Evaluator, ImageInput
+from services.evaluator.models import ScoringModel
 
 Context = grpc.aio.ServicerContext[Any, Any]
-MAX_IMAGES = 16
+MAX_IMAGES = 16  # per call: image_keys and images together, and Screen's images
 
 
 class EvaluatorServicer(evaluator_service_pb2_grpc.EvaluatorServiceServicer):
-    def __init__(self, objects: ObjectStore) -> None:
-        self.scorer: Scorer | None = None  # set once the models are loaded
-        self._objects = objects
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
+    def __init__(self) -> None:
+        self.evaluator: Evaluator | None = None  # set once the models are loaded
 
-    async def _image(self, key: str, field: str) -> Image.Image:
-        check_key(key, field)
-        try:
-            data = await self._objects.get(key)
-            image = Image.open(io.BytesIO(data))
-            return image.convert("RGB")
-        except NotFound:
-            raise InvalidArgument.one(field, f"no object {key}") from None
-        except UnidentifiedImageError:
-            raise InvalidArgument.one(field, "not an image") from None
+    def _ready(self) -> Evaluator:
+        if self.evaluator is None:
+            raise Unavailable("the scoring models are still loading")
+        return self.evaluator
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
-        scorer = self.scorer
-        if scorer is None:
-            raise Unavailable("the scoring models are still loading")
-        if not 1 <= len(request.image_keys) <= MAX_IMAGES:
-            raise InvalidArgument.one("image_keys", f"give 1..{MAX_IMAGES} keys")
-        images = await asyncio.gather(
-            *(self._image(k, f"image_keys[{i}]") for i, k in enumerate(request.image_keys))
-        )
+        evaluator = self._ready()
+        bad = []
+        if not 1 <= len(request.image_keys) + len(request.images) <= MAX_IMAGES:
+            bad.append(FieldViolation("image_keys", f"give 1..{MAX_IMAGES} images in all"))
+        if request.reference_key and request.reference_image:
+            bad.append(FieldViolation("reference_image", "give it or reference_key, not both"))
+        if bad:
+            raise InvalidArgument(bad)
+        images = [ImageInput(f"image_keys[{i}]", key=k) for i, k in enumerate(request.image_keys)]
+        images += [ImageInput(f"images[{i}]", data=d) for i, d in enumerate(request.images)]
         reference = None
         if request.reference_key:
-            reference = await self._image(request.reference_key, "reference_key")
-        scores = await asyncio.get_running_loop().run_in_executor(
-            self._executor, scorer.score, list(images), request.prompt, reference
+            reference = ImageInput("reference_key", key=request.reference_key)
+        elif request.reference_image:
+            reference = ImageInput("reference_image", data=request.reference_image)
+        result = await evaluator.evaluate(images, request.prompt, reference)
+        return evaluate_response(result)
+
+    async def Screen(self, request: pb.ScreenRequest, context: Context) -> pb.ScreenResponse:
+        evaluator = self._ready()
+        if not 1 <= len(request.images) <= MAX_IMAGES:
+            raise InvalidArgument.one("images", f"give 1..{MAX_IMAGES} images")
+        images = [ImageInput(f"images[{i}]", data=d) for i, d in enumerate(request.images)]
+        result = await evaluator.screen(images)
+        return pb.ScreenResponse(
+            verdicts=[
+                pb.ScreenVerdict(flagged=v.flagged, category=v.category, scores=v.scores)
+                for v in result.verdicts
+            ],
+            enforced=result.enforced,
         )
-        evaluations = []
-        for i in range(len(images)):
-            evaluation = types_pb2.Evaluation(clip_score=scores.clip[i])
-            if (diversity := scores.diversity[i]) is not None:
-                evaluation.lpips_diversity = diversity
-            if (to_reference := scores.to_reference[i]) is not None:
-                evaluation.lpips_to_reference = to_reference
-            evaluations.append(evaluation)
-        return pb.EvaluateResponse(
-            evaluations=evaluations, primary_index=scores.primary_index, models=scorer.models
+
+
+def evaluate_response(result: EvaluateResult) -> pb.EvaluateResponse:
+    scores, clip, lpips = result.scores, result.clip_model, result.lpips_model
+    evaluations = []
+    for i, clip_score in enumerate(scores.clip):
+        evaluation = types_pb2.Evaluation(
+            clip_score=clip_score,
+            clip_model=clip.name,
+            clip_calibrated=clip.calibrated,
+            lpips_model=lpips.name,
+            lpips_calibrated=lpips.calibrated,
         )
+        if (diversity := scores.diversity[i]) is not None:
+            evaluation.lpips_diversity = diversity
+        if (to_reference := scores.to_reference[i]) is not None:
+            evaluation.lpips_to_reference = to_reference
+        evaluations.append(evaluation)
+    return pb.EvaluateResponse(
+        evaluations=evaluations,
+        primary_index=scores.primary_index,
+        models=result.models,
+        scoring_models=[scoring_model_pb(m) for m in result.scoring_models],
+    )
+
+
+def scoring_model_pb(model: ScoringModel) -> types_pb2.ScoringModel:
+    return types_pb2.ScoringModel(name=model.name, role=model.role, calibrated=model.calibrated)

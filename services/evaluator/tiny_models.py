@@ -8,6 +8,9 @@ models on the Hugging Face hub, so a real model copied into a folder loads the s
 (`open_clip.create_model_and_transforms("local-dir:<folder>")`). The tokenizer is open_clip's
 own, which ships its BPE vocabulary.
 
+The folder also holds `provenance.json`, which says the weights are seeded-random: the evaluator
+reports scores from such a folder as uncalibrated (a folder without it is taken as real weights).
+
 The same seed gives the same weight file, byte for byte.
 
     python -m services.evaluator.tiny_models --out .data/models [--seed 0] [--force]
@@ -31,6 +34,9 @@ from safetensors.torch import save_file  # noqa: E402
 TINY_CLIP_NAME = "tiny-clip"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
+# Written last: its presence marks a complete tiny build, and tells the loader the weights are
+# seeded-random, not trained.
+PROVENANCE_FILE = "provenance.json"
 
 TINY_CLIP_CONFIG: dict[str, Any] = {
     "model_cfg": {
@@ -75,7 +81,26 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
             model = open_clip.CLIP(**TINY_CLIP_CONFIG["model_cfg"])
         weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
         save_file(weights, str(staging / WEIGHTS_FILE))
+        provenance = {
+            "builder": "services.evaluator.tiny_models",
+            "calibrated": False,
+            "seed": seed,
+        }
+        provenance_text = json.dumps(provenance, indent=2, sort_keys=True) + "\n"
+        (staging / PROVENANCE_FILE).write_text(provenance_text, encoding="utf-8")
     return out_dir / TINY_CLIP_NAME
+
+
+def is_tiny_build(folder: Path) -> bool:
+    """True when `folder` holds a build of this module (seeded-random, uncalibrated weights)."""
+    path = folder / PROVENANCE_FILE
+    if not path.is_file():
+        return False
+    try:
+        provenance = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # a damaged marker still marks a tiny build: never claim calibration
+    return not (isinstance(provenance, dict) and provenance.get("calibrated") is True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         argv,
         "tiny open_clip model",
         TINY_CLIP_NAME,
-        WEIGHTS_FILE,
+        PROVENANCE_FILE,
         build_tiny_clip,
     )
 

@@ -22,6 +22,7 @@ from services.common.convert import (
     with_urls,
 )
 from services.common.errors import InvalidArgument
+from services.evaluator.client import ImageScores
 from services.gateway.cost import Cost
 from services.gateway.jobs import JobService
 from services.jobs.records import CacheMode, JobRecord
@@ -107,6 +108,21 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             jobs=[self._signed(j) for j in jobs], next_page_token=token
         )
 
+    async def EvaluateImages(
+        self, request: image_service_pb2.EvaluateImagesRequest, context: Context
+    ) -> image_service_pb2.EvaluateImagesResponse:
+        result = await self._jobs.evaluate_images(
+            request.prompt, list(request.image_keys), list(request.images), request.reference_key
+        )
+        return image_service_pb2.EvaluateImagesResponse(
+            evaluations=[evaluation_pb(s) for s in result.scores],
+            primary_index=result.primary_index,
+            scoring_models=[
+                types_pb2.ScoringModel(name=m.name, role=m.role, calibrated=m.calibrated)
+                for m in result.scoring_models
+            ],
+        )
+
 
 class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
     def __init__(self, jobs: JobService) -> None:
@@ -120,3 +136,19 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         except InvalidArgument as error:
             raise with_pb_fields(error) from None
         return cost_service_pb2.EstimateCostResponse(breakdown=cost_pb(cost))
+
+
+def evaluation_pb(scores: ImageScores) -> types_pb2.Evaluation:
+    evaluation = types_pb2.Evaluation(
+        clip_model=scores.clip_model,
+        clip_calibrated=scores.clip_calibrated,
+        lpips_model=scores.lpips_model,
+        lpips_calibrated=scores.lpips_calibrated,
+    )
+    if scores.clip_score is not None:
+        evaluation.clip_score = scores.clip_score
+    if scores.lpips_diversity is not None:
+        evaluation.lpips_diversity = scores.lpips_diversity
+    if scores.lpips_to_reference is not None:
+        evaluation.lpips_to_reference = scores.lpips_to_reference
+    return evaluation

@@ -30,9 +30,9 @@ from services.common.convert import (
     signed_job,
     with_urls,
 )
-from services.common.errors import Forbidden, InvalidArgument, NotFound
+from services.common.errors import FieldViolation, Forbidden, InvalidArgument, NotFound
 from services.common.objectstore import LocalStore
-from services.common.spec import ControlNet, GuidanceImage, Spec
+from services.common.spec import ControlNet, GuidanceImage, Spec, json_path
 from services.gateway.cost import Cost
 from services.gateway.http_input import (
     MAX_JSON_BYTES,
@@ -53,6 +53,8 @@ from services.gateway.uploads import MAX_UPLOAD_BYTES, check_upload, presign
 from services.jobs.records import CacheMode, JobRecord
 
 STATIC = Path(__file__).parent / "static"
+# POST /api/evaluate carries images inline (base64): room for several.
+MAX_EVALUATE_JSON_BYTES = 24 * 1024 * 1024
 
 
 def spec_from_json(body: dict[str, Any]) -> Spec:
@@ -121,6 +123,10 @@ def artifact_json(a: types_pb2.Artifact) -> dict[str, Any]:
         "lpips_to_reference": e.lpips_to_reference if e.HasField("lpips_to_reference") else None,
         "nsfw": e.nsfw,
         "is_primary": a.is_primary,
+        "clip_model": e.clip_model,
+        "clip_calibrated": e.clip_calibrated,
+        "lpips_model": e.lpips_model,
+        "lpips_calibrated": e.lpips_calibrated,
     }
 
 
@@ -153,6 +159,9 @@ def job_json(job: types_pb2.Job) -> dict[str, Any]:
             "negative_prompt": job.spec.negative_prompt,
         },
         "artifacts": [artifact_json(a) for a in job.artifacts],
+        "withheld": [
+            {"variant_index": w.variant_index, "category": w.category} for w in job.withheld
+        ],
         "created_at": job.create_time.ToJsonString() if job.HasField("create_time") else None,
         "updated_at": job.update_time.ToJsonString() if job.HasField("update_time") else None,
     }
@@ -210,8 +219,8 @@ def event_json(event: events_pb2.JobEvent) -> tuple[str, dict[str, Any]]:
     return kind, message_to_json(getattr(event, kind))
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    data = await read_body(request, MAX_JSON_BYTES)
+async def _json_body(request: Request, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    data = await read_body(request, limit)
     # Parsing and checking a large body takes a while: not on the event loop.
     return await asyncio.to_thread(parse_json_object, data)
 
@@ -380,6 +389,62 @@ def build_app(jobs: JobService) -> Starlette:
         await store.put(key, data, content_type)
         return JSONResponse({"key": key}, status_code=201)
 
+    async def evaluate(request: Request) -> Response:
+        fields = JsonObject(await _json_body(request, MAX_EVALUATE_JSON_BYTES))
+        prompt = fields.get("prompt", str, "")
+        keys = [k for k in fields.get("image_keys", list, []) if isinstance(k, str)]
+        if len(keys) != len(fields.get("image_keys", list, [])):
+            fields.violation("image_keys", "must be a list of upload keys")
+        images = []
+        for i, encoded in enumerate(fields.get("images", list, [])):
+            try:
+                images.append(base64.b64decode(encoded, validate=True))
+            except (TypeError, ValueError):
+                problem = FieldViolation(json_path("images", i), "must be a base64-encoded image")
+                fields.bad.append(problem)
+        reference_key = fields.get("reference_key", str, "")
+        fields.raise_if_bad()
+        result = await jobs.evaluate_images(prompt, keys, images, reference_key)
+        return JSONResponse(
+            {
+                "evaluations": [
+                    {
+                        "semantic_score": s.clip_score,
+                        "perceptual_score": s.lpips_diversity,
+                        "lpips_to_reference": s.lpips_to_reference,
+                        "clip_model": s.clip_model,
+                        "clip_calibrated": s.clip_calibrated,
+                        "lpips_model": s.lpips_model,
+                        "lpips_calibrated": s.lpips_calibrated,
+                    }
+                    for s in result.scores
+                ],
+                "primary_index": result.primary_index,
+                "scoring_models": [
+                    {"name": m.name, "role": m.role, "calibrated": m.calibrated}
+                    for m in result.scoring_models
+                ],
+            }
+        )
+
+    async def safety(request: Request) -> Response:
+        days = query_count(request.query_params, "days", 3) or 30
+        counts = await jobs.safety_counts(days)
+        return JSONResponse(
+            {
+                "days": days,
+                "counts": [
+                    {
+                        "day": c.day.isoformat(),
+                        "kind": c.kind,
+                        "category": c.category,
+                        "count": c.count,
+                    }
+                    for c in counts
+                ],
+            }
+        )
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(OPENAPI)
 
@@ -400,6 +465,8 @@ def build_app(jobs: JobService) -> Starlette:
         Route("/api/cache/lookup", cache_lookup, methods=["POST"]),
         Route("/api/models", models),
         Route("/api/uploads/presign", presign_upload, methods=["POST"]),
+        Route("/api/evaluate", evaluate, methods=["POST"]),
+        Route("/api/admin/safety", safety),
         Route("/files/{key:path}", files, methods=["GET"]),
         Route("/files/{key:path}", put_file, methods=["PUT"]),
         Route("/openapi.json", openapi),

@@ -6,6 +6,7 @@ signs no URLs (the edges do). Every change of a job goes through the JobLifecycl
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -20,22 +21,32 @@ from imagegen.v1 import events_pb2, types_pb2
 
 from services.cache.client import CacheClient
 from services.cache.entry import CacheEntry
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import FieldViolation, InvalidArgument, PolicyRefused, Unavailable
 from services.common.events import EventLog, check_event_id
 from services.common.models import ModelSpec, Registry
 from services.common.objectstore import ObjectStore
-from services.common.spec import ENGINE_VERSION, Spec, cache_keys, resolve, text_problem
+from services.common.spec import (
+    ENGINE_VERSION,
+    MAX_PROMPT_CHARS,
+    Spec,
+    cache_keys,
+    resolve,
+    text_problem,
+)
+from services.evaluator.client import Evaluation, EvaluatorClient
 from services.gateway.cost import Cost, estimate
 from services.gateway.hub import EventHub
 from services.gateway.uploads import verify_stored_upload
-from services.jobs.lifecycle import Idempotency, JobLifecycle
+from services.jobs.lifecycle import Idempotency, JobLifecycle, SafetyCount
 from services.jobs.records import CacheMode, JobRecord, JobStatus, encode_spec
+from services.safety.prompts import PromptModerator, fibo_texts
 
 log = logging.getLogger("imagegen.gateway")
 
 WATCH_IDLE_SECONDS = 5.0
 MAX_PAGE_SIZE = 100
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+MAX_EVALUATE_IMAGES = 16  # the evaluator's own limit per call
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,12 @@ class JobService:
         cache: CacheClient,
         registry: Registry,
         objects: ObjectStore,
+        moderator: PromptModerator,
+        evaluator: EvaluatorClient,
         url_ttl_seconds: int = 3600,
     ) -> None:
+        self._moderator = moderator
+        self._evaluator = evaluator
         self._lifecycle = lifecycle
         self._events = events
         self._hub = hub
@@ -82,6 +97,7 @@ class JobService:
         mode = cache_mode(cache, skip_cache)
         idempotency = _idempotency(spec, idempotency_key, seed_agnostic_cache, mode)
         resolved = resolve(spec, self._registry)
+        await self.moderate(spec)
         await self._check_uploads(resolved)
         model = self._registry.get(resolved.model)
         cost = estimate(resolved, model)
@@ -135,7 +151,57 @@ class JobService:
             raise InvalidArgument(bad)
 
     async def lookup_cache(self, spec: Spec, seed_agnostic: bool) -> CacheEntry | None:
-        return await self._cache.lookup(resolve(spec, self._registry), seed_agnostic)
+        resolved = resolve(spec, self._registry)
+        await self.moderate(spec)
+        return await self._cache.lookup(resolved, seed_agnostic)
+
+    async def moderate(self, spec: Spec) -> None:
+        """Refuses (PolicyRefused, counted) a request whose text the content policy does not
+        allow: the prompt, the negative prompt and every string of the FIBO JSON, as sent."""
+        texts = [("prompt", spec.prompt), ("negative_prompt", spec.negative_prompt)]
+        if spec.fibo_json is not None:
+            texts += fibo_texts(spec.fibo_json)
+        texts = [(field, text) for field, text in texts if text]
+        if self._moderator.runs_a_model:
+            refusal = await asyncio.to_thread(self._moderator.check, texts)
+        else:
+            refusal = self._moderator.check(texts)  # tens of microseconds: no thread hop
+        if refusal is not None:
+            log.info("prompt refused: %s in %s", refusal.category, refusal.field)
+            await self._lifecycle.count_refusal(refusal.category)
+            raise PolicyRefused(refusal.category, refusal.field)
+
+    async def evaluate_images(
+        self, prompt: str, image_keys: list[str], images: list[bytes], reference_key: str
+    ) -> Evaluation:
+        """Scores any images against a prompt: verified uploads (by key) and inline files."""
+        bad = []
+        if not prompt.strip():
+            bad.append(FieldViolation("prompt", "must not be empty"))
+        elif len(prompt) > MAX_PROMPT_CHARS:
+            bad.append(FieldViolation("prompt", f"at most {MAX_PROMPT_CHARS} characters"))
+        elif problem := text_problem(prompt, multiline=True):
+            bad.append(FieldViolation("prompt", problem))
+        if not 1 <= len(image_keys) + len(images) <= MAX_EVALUATE_IMAGES:
+            bad.append(FieldViolation("images", f"give 1..{MAX_EVALUATE_IMAGES} images in all"))
+        if bad:
+            raise InvalidArgument(bad)
+        keys = [(f"image_keys[{i}]", k) for i, k in enumerate(image_keys)]
+        if reference_key:
+            keys.append(("reference_key", reference_key))
+        for field, key in keys:
+            try:
+                await verify_stored_upload(self.objects, key, field)
+            except InvalidArgument as error:
+                bad += error.violations
+        if bad:
+            raise InvalidArgument(bad)
+        return await self._evaluator.evaluate(image_keys, prompt, reference_key, images=images)
+
+    async def safety_counts(self, days: int) -> list[SafetyCount]:
+        if not 1 <= days <= 366:
+            raise InvalidArgument.one("days", "must be 1..366")
+        return await self._lifecycle.safety_counts(days)
 
     def models(self) -> tuple[list[ModelSpec], str]:
         """The served models and the default model's id."""

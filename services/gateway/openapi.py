@@ -23,6 +23,8 @@ def _op(summary: str, ok: str, body: str | None = None, **extra: Any) -> dict[st
             "422": {
                 "description": "bad field",
                 "content": {"application/json": {"schema": _ERROR}},
+                "x-policy": "a prompt the content policy refuses is a 422 whose error carries"
+                " policy_violation {category, field}: never queued, cached or charged",
             },
             "503": {
                 "description": "the job store is unavailable; retry after the Retry-After header",
@@ -94,6 +96,22 @@ OPENAPI: dict[str, Any] = {
             "get": _op(
                 "List the served models",
                 "the models, with what each can honour: guidance_roles and controlnets",
+            )
+        },
+        "/api/evaluate": {
+            "post": _op(
+                "Score images against a prompt: CLIP score per image, LPIPS between them and to"
+                " a reference; which models scored and whether they are calibrated",
+                "{evaluations[{semantic_score, perceptual_score, lpips_to_reference,"
+                " clip_model, clip_calibrated, lpips_model, lpips_calibrated}], primary_index,"
+                " scoring_models[{name, role, calibrated}]}",
+                "EvaluateRequest",
+            )
+        },
+        "/api/admin/safety": {
+            "get": _op(
+                "Refused prompts and withheld images per day, kind and category (?days=30)",
+                "{days, counts[{day, kind, category, count}]}",
             )
         },
         "/api/uploads/presign": {
@@ -177,6 +195,25 @@ OPENAPI: dict[str, Any] = {
                     "meta": {"type": "object"},
                 },
             },
+            "EvaluateRequest": {
+                "type": "object",
+                "required": ["prompt"],
+                "properties": {
+                    "prompt": {"type": "string", "maxLength": 2000},
+                    "image_keys": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "keys of verified uploads (POST /api/uploads/presign)",
+                    },
+                    "images": {
+                        "type": "array",
+                        "items": {"type": "string", "contentEncoding": "base64"},
+                        "description": "image files inline (PNG, JPEG or WebP); 1..16 images in"
+                        " all with image_keys",
+                    },
+                    "reference_key": {"type": "string"},
+                },
+            },
             "Error": {
                 "type": "object",
                 "properties": {
@@ -193,6 +230,15 @@ OPENAPI: dict[str, Any] = {
                                         "field": {"type": "string"},
                                         "description": {"type": "string"},
                                     },
+                                },
+                            },
+                            "policy_violation": {
+                                "type": "object",
+                                "description": "a request the content policy refused: the"
+                                " category and the field, never the matched text",
+                                "properties": {
+                                    "category": {"type": "string"},
+                                    "field": {"type": "string"},
                                 },
                             },
                         },

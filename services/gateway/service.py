@@ -25,13 +25,23 @@ from services.common.models import load_registry
 from services.common.objectstore import open_store
 from services.common.queue import JobQueue
 from services.common.redis import connect_redis
-from services.common.server import PortInUse, Service, Servicer, check_free, start_server
+from services.common.server import (
+    PortInUse,
+    Service,
+    Servicer,
+    StartupRefused,
+    check_free,
+    start_server,
+)
 from services.common.settings import GatewaySettings
+from services.evaluator.client import EvaluatorClient
 from services.gateway.grpc_api import CostServicer, ImageServicer
 from services.gateway.http_api import build_app
 from services.gateway.hub import EventHub
 from services.gateway.jobs import JobService
 from services.jobs.lifecycle import JobLifecycle
+from services.safety.policy import PolicyError, load_policy
+from services.safety.prompts import PromptModerator
 
 IMAGE_SERVICE = image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 COST_SERVICE = cost_service_pb2.DESCRIPTOR.services_by_name["CostService"].full_name
@@ -46,12 +56,19 @@ class _HttpServer(uvicorn.Server):
 async def start(settings: GatewaySettings) -> Service:
     check_free(settings.listen_addr)
     check_free(f"{settings.http_host}:{settings.http_port}")
+    try:
+        moderator = PromptModerator(load_policy(settings.safety_policy).prompt)
+    except PolicyError as error:
+        raise StartupRefused(str(error)) from None
     pool = await db.connect(settings.database_url)
     redis = connect_redis(settings.redis_url)
     registry = load_registry(settings.model_registry, settings.model_dir)
     objects = open_store(settings)
     cache_channel = open_channel(
         settings.cache_addr, settings.rpc_timeout_seconds, settings.max_message_bytes
+    )
+    evaluator_channel = open_channel(
+        settings.evaluator_addr, settings.rpc_timeout_seconds, settings.max_message_bytes
     )
     events = EventLog(redis, settings.event_ttl_seconds)
     hub = EventHub(redis, events)
@@ -69,6 +86,8 @@ async def start(settings: GatewaySettings) -> Service:
         CacheClient(cache_channel),
         registry,
         objects,
+        moderator,
+        EvaluatorClient(evaluator_channel),
         settings.url_ttl_seconds,
     )
     image, cost = ImageServicer(jobs), CostServicer(jobs)
@@ -124,6 +143,13 @@ async def start(settings: GatewaySettings) -> Service:
 
     return Service(
         running,
-        [pool.close, redis.aclose, cache_channel.close, hub.close, stop_http],
+        [
+            pool.close,
+            redis.aclose,
+            cache_channel.close,
+            evaluator_channel.close,
+            hub.close,
+            stop_http,
+        ],
         http_port=sock.getsockname()[1],
     )

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from imagegen.v1 import events_pb2, generator_service_pb2_grpc
+from imagegen.v1 import events_pb2, generator_service_pb2_grpc, types_pb2
 from imagegen.v1 import generator_service_pb2 as pb
 
 from services.common.convert import artifact_to_pb, roles_to_pb, spec_from_pb, with_pb_fields
@@ -15,15 +15,20 @@ from services.common.errors import InvalidArgument, Unavailable
 from services.common.models import Registry
 from services.common.objectstore import ObjectStore
 from services.common.spec import resolve
+from services.evaluator.client import EvaluatorClient
 from services.generator.engine import Engine, Rendered, Step, progress_event, save_image
 from services.generator.guidance import load_guidance
+from services.generator.worker import screen
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class GeneratorServicer(generator_service_pb2_grpc.GeneratorServiceServicer):
-    def __init__(self, engine: Engine, registry: Registry, objects: ObjectStore) -> None:
+    def __init__(
+        self, engine: Engine, registry: Registry, objects: ObjectStore, evaluator: EvaluatorClient
+    ) -> None:
         self._engine = engine
+        self._evaluator = evaluator
         self._registry = registry
         self._objects = objects
         self.ready = False
@@ -44,6 +49,12 @@ class GeneratorServicer(generator_service_pb2_grpc.GeneratorServiceServicer):
                 yield pb.GenerateResponse(progress=progress_event(item))
                 continue
             if not isinstance(item, Rendered):  # stages and previews: jobs' events only
+                continue
+            if category := await screen(self._evaluator, item):
+                withheld = types_pb2.WithheldVariant(
+                    variant_index=item.variant_index, category=category
+                )
+                yield pb.GenerateResponse(withheld=withheld)
                 continue
             artifact = await save_image(self._objects, item, job_id="")
             yield pb.GenerateResponse(

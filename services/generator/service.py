@@ -48,7 +48,12 @@ async def start(settings: GeneratorSettings) -> Service:
         batch_window_s=settings.batch_window_ms / 1e3,
         memory_budget_bytes=settings.model_memory_budget_mb * 2**20,
     )
-    servicer = GeneratorServicer(engine, registry, objects)
+    channels = [
+        open_channel(addr, settings.rpc_timeout_seconds, settings.max_message_bytes)
+        for addr in (settings.evaluator_addr, settings.cache_addr)
+    ]
+    evaluator = EvaluatorClient(channels[0])
+    servicer = GeneratorServicer(engine, registry, objects, evaluator)
     running = await start_server(
         settings.listen_addr,
         [
@@ -65,10 +70,6 @@ async def start(settings: GeneratorSettings) -> Service:
     await engine.start()
     servicer.ready = True
 
-    channels = [
-        open_channel(addr, settings.rpc_timeout_seconds, settings.max_message_bytes)
-        for addr in (settings.evaluator_addr, settings.cache_addr)
-    ]
     queue = JobQueue(redis, settings.claim_idle_ms)
     lifecycle = JobLifecycle(
         pool,
@@ -89,7 +90,7 @@ async def start(settings: GeneratorSettings) -> Service:
                 lifecycle,
                 queue,
                 objects,
-                EvaluatorClient(channels[0]),
+                evaluator,
                 CacheClient(channels[1]),
                 cancels,
                 consumer=f"{consumer}-{i}",

@@ -27,7 +27,15 @@ from services.common.objectstore import ObjectStore
 from services.common.queue import Delivery, JobQueue
 from services.common.retry import is_blip, through_blips
 from services.evaluator.client import EvaluatorClient
-from services.generator.engine import Engine, Preview, Stage, Step, progress_event, save_image
+from services.generator.engine import (
+    Engine,
+    Preview,
+    Rendered,
+    Stage,
+    Step,
+    progress_event,
+    save_image,
+)
 from services.generator.guidance import load_guidance
 from services.generator.pipeline import StepCancelled
 from services.jobs.cancels import CancelListener, CancelToken
@@ -150,14 +158,21 @@ class QueueWorker:
     async def _run(self, attempt: Attempt, token: CancelToken) -> None:
         job = attempt.job
         stored = {a.variant_index: a for a in job.artifacts}
-        missing = [i for i in range(job.spec.num_variants) if i not in stored]
+        withheld = {w.variant_index for w in job.withheld}
+        missing = [i for i in range(job.spec.num_variants) if i not in stored and i not in withheld]
         if missing:
-            await self._render(attempt, missing, token, stored)
-        artifacts = [stored[i] for i in range(job.spec.num_variants)]
+            await self._render(attempt, missing, token, stored, withheld)
+        artifacts = [stored[i] for i in range(job.spec.num_variants) if i in stored]
+        if not artifacts:
+            reason = "every image was withheld by the image safety policy"
+            await self._write(attempt, lambda: self._lifecycle.retry_or_fail(attempt, reason, True))
+            return
         if not all(a.scored for a in artifacts):
             await _best_effort(self._lifecycle.stage(attempt, "evaluating"))
             artifacts = await self._until_cancelled(self._evaluate(attempt, artifacts), token)
-        if job.cache_mode is not CacheMode.OFF:
+        if withheld:
+            log.info("job %s: not cached, %d variant(s) withheld", job.id, len(withheld))
+        elif job.cache_mode is not CacheMode.OFF:
             try:
                 await self._cache.store(job.spec, job.id, artifacts)
             except Exception:  # the images are safe; only their reuse is lost
@@ -170,6 +185,7 @@ class QueueWorker:
         variants: list[int],
         token: CancelToken,
         stored: dict[int, ArtifactRecord],
+        withheld: set[int],
     ) -> None:
         spec = attempt.job.spec
         guidance = await through_blips(
@@ -197,6 +213,14 @@ class QueueWorker:
             if not uploading:
                 uploading = True
                 await _best_effort(self._lifecycle.stage(attempt, "uploading"))
+            category = await screen(self._evaluator, item)
+            if category:
+                await self._write(
+                    attempt,
+                    partial(self._lifecycle.withhold, attempt, item.variant_index, category),
+                )
+                withheld.add(item.variant_index)
+                continue
             started = time.perf_counter()
             artifact = await through_blips(
                 partial(save_image, self._objects, item, attempt.job_id),
@@ -218,7 +242,7 @@ class QueueWorker:
         spec = attempt.job.spec
         started = time.perf_counter()
         result = await self._evaluator.evaluate(
-            [a.key for a in artifacts], spec.text_prompt(), spec.reference_key()
+            [a.key for a in artifacts], spec.scoring_text(), spec.reference_key()
         )
         evaluate_ms = (time.perf_counter() - started) * 1e3
         scored = [
@@ -229,6 +253,10 @@ class QueueWorker:
                 lpips_to_reference=s.lpips_to_reference,
                 nsfw=s.nsfw,
                 is_primary=i == result.primary_index,
+                clip_model=s.clip_model,
+                clip_calibrated=s.clip_calibrated,
+                lpips_model=s.lpips_model,
+                lpips_calibrated=s.lpips_calibrated,
             )
             for i, (a, s) in enumerate(zip(artifacts, result.scores, strict=True))
         ]
@@ -273,6 +301,13 @@ class QueueWorker:
             if not held:
                 token.set()
                 return
+
+
+async def screen(evaluator: EvaluatorClient, image: Rendered) -> str:
+    """The category the image safety policy flags `image` under, or "" to store it. Nothing is
+    stored unscreened: an evaluator that cannot answer fails the attempt (retried)."""
+    verdicts, _ = await evaluator.screen([image.png])
+    return verdicts[0].category if verdicts[0].flagged else ""
 
 
 async def _best_effort(announcement: Awaitable[None]) -> None:

@@ -23,7 +23,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import asyncpg
@@ -41,6 +41,7 @@ from services.jobs.records import (
     CacheMode,
     JobRecord,
     JobStatus,
+    Withheld,
     decode_spec,
     encode_spec,
     parse_job_id,
@@ -57,7 +58,8 @@ _JOB_COLUMNS = (
 )
 _ARTIFACT_COLUMNS = (
     "id, job_id, variant_index, key, sha256, width_px, height_px, seed, clip_score,"
-    " lpips_diversity, lpips_to_reference, nsfw, is_primary"
+    " lpips_diversity, lpips_to_reference, nsfw, is_primary, clip_model, clip_calibrated,"
+    " lpips_model, lpips_calibrated"
 )
 # A worker's write: only while the job is running its attempt.
 _HELD = "id = $1 AND status = 'running' AND attempts = $2"
@@ -69,6 +71,14 @@ _FAIL = (
 )
 _RUNNING = types_pb2.JOB_STATUS_RUNNING
 _QUEUED = types_pb2.JOB_STATUS_QUEUED
+
+
+@dataclass(frozen=True)
+class SafetyCount:
+    day: date
+    kind: str  # "prompt" (refused) or "image" (withheld)
+    category: str
+    count: int
 
 
 @dataclass(frozen=True)
@@ -292,6 +302,48 @@ class JobLifecycle:
         await self._announce(attempt.job_id, artifact=timings)
         return True
 
+    async def withhold(self, attempt: Attempt, variant_index: int, category: str) -> bool:
+        """Records a variant the image safety check kept back (it was never stored), so no
+        later attempt renders it again, and counts it under its category."""
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                f"UPDATE jobs SET updated_at = now() WHERE {_HELD} RETURNING {_JOB_COLUMNS}",
+                parse_job_id(attempt.job_id),
+                attempt.number,
+            )
+            if row is None:
+                return False
+            added = await conn.fetchval(
+                "INSERT INTO withheld_variants (job_id, variant_index, category)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true",
+                row["id"],
+                variant_index,
+                category,
+            )
+            if added:
+                await _count_safety(conn, "image", category)
+            await self._refresh(conn, row)
+        return True
+
+    async def count_refusal(self, category: str) -> None:
+        """Counts a prompt the content policy refused (best effort: a store blip loses the
+        count, never the refusal)."""
+        try:
+            async with self._connection() as conn:
+                await _count_safety(conn, "prompt", category)
+        except StoreUnavailable:
+            log.warning("a refusal (%s) was not counted: the job store is away", category)
+
+    async def safety_counts(self, days: int) -> list[SafetyCount]:
+        """Refused prompts and withheld images per day, kind and category, newest first."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT day, kind, category, count FROM safety_counts"
+                " WHERE day > current_date - $1::int ORDER BY day DESC, kind, category",
+                days,
+            )
+        return [SafetyCount(r["day"], r["kind"], r["category"], r["count"]) for r in rows]
+
     async def record_scores(
         self,
         attempt: Attempt,
@@ -311,7 +363,8 @@ class JobLifecycle:
                 return False
             await conn.executemany(
                 "UPDATE artifacts SET clip_score = $3, lpips_diversity = $4,"
-                " lpips_to_reference = $5, nsfw = $6, is_primary = $7"
+                " lpips_to_reference = $5, nsfw = $6, is_primary = $7, clip_model = $8,"
+                " clip_calibrated = $9, lpips_model = $10, lpips_calibrated = $11"
                 " WHERE job_id = $1 AND variant_index = $2",
                 [
                     (
@@ -322,6 +375,10 @@ class JobLifecycle:
                         a.lpips_to_reference,
                         a.nsfw,
                         a.is_primary,
+                        a.clip_model,
+                        a.clip_calibrated,
+                        a.lpips_model,
+                        a.lpips_calibrated,
                     )
                     for a in scored
                 ],
@@ -546,6 +603,12 @@ class JobLifecycle:
             row["id"],
         )
         job.artifacts = [_artifact(r) for r in rows]
+        withheld = await conn.fetch(
+            "SELECT variant_index, category FROM withheld_variants WHERE job_id = $1"
+            " ORDER BY variant_index",
+            row["id"],
+        )
+        job.withheld = [Withheld(r["variant_index"], r["category"]) for r in withheld]
         return job
 
     @staticmethod
@@ -653,6 +716,15 @@ def _job(row: asyncpg.Record) -> JobRecord:
     )
 
 
+async def _count_safety(conn: asyncpg.Connection, kind: str, category: str) -> None:
+    await conn.execute(
+        "INSERT INTO safety_counts (day, kind, category, count) VALUES (current_date, $1, $2, 1)"
+        " ON CONFLICT (day, kind, category) DO UPDATE SET count = safety_counts.count + 1",
+        kind,
+        category,
+    )
+
+
 def _artifact(row: asyncpg.Record) -> ArtifactRecord:
     return ArtifactRecord(
         id=str(row["id"]),
@@ -668,13 +740,17 @@ def _artifact(row: asyncpg.Record) -> ArtifactRecord:
         lpips_to_reference=row["lpips_to_reference"],
         nsfw=row["nsfw"],
         is_primary=row["is_primary"],
+        clip_model=row["clip_model"],
+        clip_calibrated=row["clip_calibrated"],
+        lpips_model=row["lpips_model"],
+        lpips_calibrated=row["lpips_calibrated"],
     )
 
 
 async def _upsert_artifact(conn: asyncpg.Connection, a: ArtifactRecord) -> None:
     await conn.execute(
         f"INSERT INTO artifacts ({_ARTIFACT_COLUMNS})"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         " ON CONFLICT (job_id, variant_index) DO UPDATE SET id = EXCLUDED.id,"
         " key = EXCLUDED.key, sha256 = EXCLUDED.sha256, width_px = EXCLUDED.width_px,"
         " height_px = EXCLUDED.height_px, seed = EXCLUDED.seed",
@@ -691,4 +767,8 @@ async def _upsert_artifact(conn: asyncpg.Connection, a: ArtifactRecord) -> None:
         a.lpips_to_reference,
         a.nsfw,
         a.is_primary,
+        a.clip_model,
+        a.clip_calibrated,
+        a.lpips_model,
+        a.lpips_calibrated,
     )

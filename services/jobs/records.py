@@ -56,10 +56,23 @@ class ArtifactRecord:
     lpips_to_reference: float | None = None
     nsfw: bool = False
     is_primary: bool = False
+    # Which models scored it, and whether they had real (calibrated) weights.
+    clip_model: str = ""
+    clip_calibrated: bool = False
+    lpips_model: str = ""
+    lpips_calibrated: bool = False
 
     @property
     def scored(self) -> bool:
         return self.clip_score is not None
+
+
+@dataclass(frozen=True)
+class Withheld:
+    """A variant the image safety check kept back (never stored), and the category why."""
+
+    variant_index: int
+    category: str
 
 
 @dataclass
@@ -81,6 +94,7 @@ class JobRecord:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     artifacts: list[ArtifactRecord] = field(default_factory=list)
+    withheld: list[Withheld] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -197,6 +211,10 @@ def encode_artifact(a: ArtifactRecord) -> dict[str, Any]:
         "lpips_to_reference": a.lpips_to_reference,
         "nsfw": a.nsfw,
         "is_primary": a.is_primary,
+        "clip_model": a.clip_model,
+        "clip_calibrated": a.clip_calibrated,
+        "lpips_model": a.lpips_model,
+        "lpips_calibrated": a.lpips_calibrated,
     }
 
 
@@ -218,4 +236,8 @@ def decode_artifact(data: dict[str, Any]) -> ArtifactRecord:
         lpips_to_reference=data.get("lpips_to_reference"),
         nsfw=data.get("nsfw", False),
         is_primary=data.get("is_primary", False),
+        clip_model=data.get("clip_model", ""),
+        clip_calibrated=data.get("clip_calibrated", False),
+        lpips_model=data.get("lpips_model", ""),
+        lpips_calibrated=data.get("lpips_calibrated", False),
     )

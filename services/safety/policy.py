@@ -1,6 +1,7 @@
 """The content policy: one TOML file an operator edits, read by the gateway (prompt moderation)
 and the evaluator (image safety).
 
+    [prompt]                      allow: phrases that are innocent uses of listed words
     [prompt.terms.<category>]     words (whole words, after normalization) and regex patterns
     [prompt.classifier]           an offline profanity classifier with a threshold
     [prompt.semantic]             optional: similarity to example prompts, a local embedding model
@@ -63,6 +64,9 @@ class SemanticLayer:
 
 @dataclass(frozen=True)
 class PromptPolicy:
+    # Phrases taken out of a text before any layer reads it ("naked mole rat", "Gore-Tex"): the
+    # innocent uses of a listed word, or of a word the classifier scores high.
+    allow: tuple[str, ...] = ()
     terms: tuple[TermCategory, ...] = ()
     classifier: ClassifierLayer = ClassifierLayer()
     semantic: SemanticLayer = SemanticLayer()
@@ -165,8 +169,9 @@ def _prompt(table: _Table, base: Path) -> PromptPolicy:
     if semantic.enabled and (semantic.model_path is None or not semantic.examples):
         raise semantic_table.error("model_path", "the semantic layer needs a model and examples")
     semantic_table.done()
+    allow = table.strings("allow")
     table.done()
-    return PromptPolicy(tuple(terms), classifier, semantic)
+    return PromptPolicy(allow, tuple(terms), classifier, semantic)
 
 
 def _image(table: _Table) -> ImagePolicy:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,69 @@ def test_scorer_loads_lpips_backbone_from_file(
     # ... and one with other weights measures other distances.
     other = Scorer(tiny_clip_dir, _alexnet_features_file(tmp_path / "other.pth", seed=1))
     assert other.score(images, PROMPT).diversity != scorer.score(images, PROMPT).diversity
+
+
+def _noisy(image: Image.Image, sigma: float) -> Image.Image:
+    noise = np.random.default_rng(42).normal(0.0, sigma, (image.height, image.width, 3))
+    pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def test_lpips_to_itself_is_zero_and_grows_with_noise(scorer: Scorer) -> None:
+    from services.evaluator.images import DecodedImage
+    from services.evaluator.scoring import ScoreSet
+
+    image = DecodedImage.of(_gradient((128, 128)))
+    # The same pixels under another name: measured by the network, not known equal.
+    itself = DecodedImage("same pixels, other name", image.image.copy())
+    noisy = [DecodedImage.of(_noisy(image.image, sigma)) for sigma in (4.0, 16.0, 48.0, 96.0)]
+    (scores,) = scorer.score_sets([ScoreSet([itself, *noisy], PROMPT, image)])
+    assert scores.to_reference[0] == 0.0
+    assert all(a < b for a, b in pairwise(scores.to_reference)), scores.to_reference  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("threads", sorted({1, os.cpu_count() or 1}))
+def test_scores_alone_equal_scores_in_a_shared_round_exactly(
+    tiny_clip_dir: Path, threads: int
+) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_alone_equals_together(tiny_clip_dir)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_alone_equals_together(tiny_clip_dir: Path) -> None:
+    from services.evaluator.images import DecodedImage
+    from services.evaluator.scoring import BatchShapes, ScoreSet
+
+    scorer = Scorer(tiny_clip_dir, shapes=BatchShapes(4, 2, 4), cache_size=0)
+    images = [DecodedImage.of(_noise(seed)) for seed in range(9)]
+    reference = DecodedImage.of(_gradient())
+    sets = [
+        ScoreSet(images[0:3], PROMPT, reference),
+        ScoreSet(images[3:4], "a dog on a sofa"),
+        ScoreSet(images[4:9], "a red circle", images[0]),
+        ScoreSet([images[6], images[5]], "a red circle"),
+    ]
+    alone = [scorer.score_sets([s])[0] for s in sets]
+    # Together the images fill several fixed batches, each set's rows at other positions.
+    assert scorer.score_sets(sets) == alone
+    assert scorer.score_sets(list(reversed(sets))) == list(reversed(alone))
+    # An image's CLIP score is the same in any set it is in.
+    assert alone[3].clip == [alone[2].clip[2], alone[2].clip[1]]
+
+
+def test_another_batch_shape_changes_last_bits(tiny_clip_dir: Path) -> None:
+    """The control for the test above: the same set at other batch shapes scores differently in
+    the last bits (on this CPU's kernels), so equality there comes from the fixed shape."""
+    from services.evaluator.images import DecodedImage
+    from services.evaluator.scoring import BatchShapes, ScoreSet
+
+    images = [DecodedImage.of(_noise(seed)) for seed in range(9)]
+    work = [ScoreSet(images, PROMPT, images[0])]
+    fixed = Scorer(tiny_clip_dir, shapes=BatchShapes(4, 2, 4), cache_size=0).score_sets(work)[0]
+    other = Scorer(tiny_clip_dir, shapes=BatchShapes(1, 1, 1), cache_size=0).score_sets(work)[0]
+    assert other.clip != fixed.clip
+    assert other.clip == pytest.approx(fixed.clip, abs=1e-4)
