@@ -16,7 +16,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import admission, engine, mesh_overhead, polling, sse_fanout, throughput
+from bench import (
+    admission,
+    engine,
+    evaluator,
+    mesh_overhead,
+    moderation,
+    polling,
+    sse_fanout,
+    throughput,
+)
 from bench.client import running_mesh
 from bench.report import render
 from bench.stats import machine
@@ -51,7 +60,11 @@ def main() -> None:
         ),
     }
     # Without the mesh, after it has stopped: its idle processes would share the cores.
-    standalone: dict[str, Callable[[], Any]] = {"engine": lambda: engine.run(quick)}
+    standalone: dict[str, Callable[[], Any]] = {
+        "engine": lambda: engine.run(quick),
+        "evaluator": lambda: evaluator.run(quick),
+        "moderation": lambda: asyncio.to_thread(moderation.run, 100 if quick else 300),
+    }
     if args.only and args.only not in {*runs, *standalone}:
         parser.error(f"--only: one of {sorted({*runs, *standalone})}")
     started = time.perf_counter()

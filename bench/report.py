@@ -241,4 +241,51 @@ def render(r: dict[str, Any]) -> str:
         "of the floor's rate.",
         "",
     ]
+    if "evaluator" in r:
+        lines += _evaluator(r["evaluator"])
+    if "moderation" in r:
+        lines += _moderation(r["moderation"])
     return "\n".join(lines)
+
+
+def _evaluator(e: dict[str, Any]) -> list[str]:
+    return [
+        "## Evaluator batching",
+        "",
+        f"{e['calls']} concurrent Evaluate calls of {e['images_per_call']} images "
+        f"({e['image_side_px']}px, plus a reference each) against an evaluator with the tiny "
+        f"CLIP, {e['torch_threads']} torch thread(s); scoring rounds that gather concurrent "
+        "calls against one call per round; median of "
+        f"{e['runs']} runs.",
+        "",
+        "| mode | images/s |",
+        "|---|---|",
+        _row("batched rounds", e["batched_images_per_s"]),
+        _row("one call per round", e["one_by_one_images_per_s"]),
+        _row("ratio", f"{e['ratio']:.2f}x"),
+        "",
+    ]
+
+
+def _moderation(m: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Prompt moderation",
+        "",
+        f"`PromptModerator.check` per request with the shipped policy, over "
+        f"{m['requests']['text']} text and {m['requests']['fibo']} FIBO requests (a FIBO "
+        f"request checks every string: median {m['fibo_texts_per_request']['median']}), "
+        f"{m['refused']} refused; microseconds, after a warm-up.",
+        "",
+        "| what | p50 µs | p99 µs |",
+        "|---|---|---|",
+    ]
+    for name, key in (
+        ("whole check, all requests", "full"),
+        ("whole check, text prompts", "full_text_prompts"),
+        ("whole check, FIBO prompts", "full_fibo_prompts"),
+        ("term lists only", "terms_only"),
+        ("classifier only", "classifier_only"),
+        ("alt-profanity-check predict_prob (baseline)", "library_predict_prob"),
+    ):
+        lines.append(_row(name, m[key]["p50_us"], m[key]["p99_us"]))
+    return [*lines, ""]

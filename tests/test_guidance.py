@@ -483,7 +483,7 @@ def test_strength_is_in_the_cache_key_and_survives_storage_and_protobuf(
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def mesh(env: ServiceEnv) -> AsyncIterator[Mesh]:
     # No workers: jobs stay queued; ListModels is the generator's.
-    started = await start_in_process(env, ("cache", "generator", "gateway"), workers=0)
+    started = await start_in_process(env, ("cache", "evaluator", "generator", "gateway"), workers=0)
     yield started
     await started.stop()
 

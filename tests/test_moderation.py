@@ -386,3 +386,10 @@ def test_an_allowed_phrase_does_not_shield_the_rest_of_the_text(
 ) -> None:
     refusal = moderator.check([("prompt", "a naked mole rat next to a n u d e figure")])
     assert refusal == Refusal("sexual", "prompt")
+
+
+@pytest.mark.parametrize("text", ["kill 0", "a vacuum that sucks", "hell fire", "a crap photo"])
+def test_everyday_words_the_classifier_scores_high_pass_at_the_shipped_threshold(
+    moderator: PromptModerator, text: str
+) -> None:
+    assert moderator.check([("prompt", text)]) is None

@@ -124,7 +124,7 @@ class EvaluatorSettings(CommonSettings):
     lpips_batch: int = Field(default=8, ge=1)
     # How long a scoring round waits for concurrent calls to join it, and how many images it
     # takes at most (a call is never split; 1 scores one call at a time).
-    batch_window_ms: float = Field(default=5.0, ge=0)
+    scoring_window_ms: float = Field(default=5.0, ge=0)
     max_batch_images: int = Field(default=64, ge=1)
     # CLIP image embeddings kept by image SHA-256 (Screen then Evaluate encodes an image once).
     embedding_cache_size: int = Field(default=256, ge=0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from services.common.errors import InvalidArgument, NotFound
 from services.common.objectstore import ObjectStore, check_key
 from services.evaluator.batcher import Batcher
-from services.evaluator.images import DecodedImage, decode_image
+from services.evaluator.images import DecodedImage, decode
 from services.evaluator.models import ScoringModel
 from services.evaluator.safety import ImageScreen, Verdict
 from services.evaluator.scoring import Scorer, Scores, ScoreSet
@@ -127,7 +127,7 @@ class Evaluator:
                 data = await self._objects.get(image.key)
             except NotFound:
                 raise InvalidArgument.one(image.field, f"no object {image.key}") from None
-        return await asyncio.to_thread(decode_image, data, image.field)
+        return await asyncio.to_thread(decode, data, image.field)
 
     def _round(self, works: Sequence[_Work]) -> list[_Result]:
         """One scoring round, on the scoring thread: every image encoded together, then each

@@ -29,7 +29,8 @@ class EvaluatorServicer(evaluator_service_pb2_grpc.EvaluatorServiceServicer):
         evaluator = self._ready()
         bad = []
         if not 1 <= len(request.image_keys) + len(request.images) <= MAX_IMAGES:
-            bad.append(FieldViolation("image_keys", f"give 1..{MAX_IMAGES} images in all"))
+            field = "images" if request.images else "image_keys"
+            bad.append(FieldViolation(field, f"give 1..{MAX_IMAGES} images in all"))
         if request.reference_key and request.reference_image:
             bad.append(FieldViolation("reference_image", "give it or reference_key, not both"))
         if bad:

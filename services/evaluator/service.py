@@ -75,7 +75,7 @@ async def start(settings: EvaluatorSettings) -> Service:
         screen,
         open_store(settings),
         executor,
-        settings.batch_window_ms / 1e3,
+        settings.scoring_window_ms / 1e3,
         settings.max_batch_images,
     )
     evaluator.start()

@@ -2,33 +2,29 @@
 content-addressed key and an expiring URL, and PUTs the bytes straight to the object store.
 
 Nothing is trusted until it is checked: an upload must be the bytes its key names (SHA-256), an
-image of the kind its key names (magic bytes, then a full decode by Pillow), and at most
-`MAX_UPLOAD_PIXELS` pixels. The gateway's own PUT route checks before it stores; S3 presigned
-PUTs bypass the gateway, so admission checks the stored object with `verify_stored_upload`.
+image of the kind its key names, within the limits of services/common/images.py (magic bytes,
+the size from the header, then a full decode by Pillow). The gateway's own PUT route checks
+before it stores; S3 presigned PUTs bypass the gateway, so admission checks the stored object
+with `verify_stored_upload`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from PIL import Image
-
 from services.common.errors import FieldViolation, InvalidArgument, NotFound
+from services.common.images import MAX_IMAGE_BYTES, decode_image
 from services.common.objectstore import ObjectStore
 
 CONTENT_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_UPLOAD_SIDE = 4096
-MAX_UPLOAD_PIXELS = MAX_UPLOAD_SIDE * MAX_UPLOAD_SIDE
+MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _UPLOAD_KEY = re.compile(r"uploads/([0-9a-f]{2})/([0-9a-f]{64})\.(png|jpg|webp)")
-_PILLOW_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 _VERIFIED_KEYS = 4096
 
 
@@ -68,44 +64,6 @@ def _parse_key(key: str, field: str) -> tuple[str, str]:
     return match[2], match[3]
 
 
-def _sniff(data: bytes) -> str | None:
-    """The image kind the magic bytes announce (an extension), or None."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-def _check_image(data: bytes, extension: str, field: str) -> None:
-    """Raises InvalidArgument naming `field` unless `data` is a whole, decodable image of the
-    kind `extension` names, within the pixel limit. CPU-bound: run it in a thread."""
-    kind = _sniff(data)
-    if kind is None:
-        raise InvalidArgument.one(field, "not a PNG, JPEG or WebP image")
-    if kind != extension:
-        raise InvalidArgument.one(field, f"a {kind} image, but its key says {extension}")
-    try:
-        with Image.open(io.BytesIO(data), formats=[_PILLOW_FORMAT[kind]]) as image:
-            width, height = image.size
-            if width * height > MAX_UPLOAD_PIXELS or max(width, height) > MAX_UPLOAD_SIDE:
-                raise InvalidArgument.one(
-                    field, f"{width}x{height} is over {MAX_UPLOAD_SIDE}x{MAX_UPLOAD_SIDE} pixels"
-                )
-            image.load()  # decodes every pixel: a truncated or corrupt image fails here
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        # Pillow's own, larger limit (a warning, or an error past twice it): refused just the same.
-        raise InvalidArgument.one(
-            field, f"over {MAX_UPLOAD_SIDE}x{MAX_UPLOAD_SIDE} pixels"
-        ) from None
-    except InvalidArgument:
-        raise
-    except Exception:  # noqa: BLE001 - Pillow raises many kinds of error on corrupt input
-        raise InvalidArgument.one(field, f"not a decodable {kind} image") from None
-
-
 def check_upload(key: str, data: bytes, content_type: str = "") -> None:
     """An upload must be what its content-addressed key says it is: those bytes, that kind of
     image. `content_type`, when the client declared one, must name the same kind."""
@@ -117,7 +75,7 @@ def check_upload(key: str, data: bytes, content_type: str = "") -> None:
         raise InvalidArgument.one("body", f"at most {MAX_UPLOAD_BYTES} bytes")
     if hashlib.sha256(data).hexdigest() != digest:
         raise InvalidArgument.one("body", "the content does not match the key's SHA-256")
-    _check_image(data, extension, "body")
+    decode_image(data, "body", extension)
 
 
 # Keys already verified in this process. Keys are content-addressed (the content must hash to
@@ -140,7 +98,7 @@ async def verify_stored_upload(objects: ObjectStore, key: str, field: str) -> No
         raise InvalidArgument.one(field, f"the upload is over {MAX_UPLOAD_BYTES} bytes")
     if hashlib.sha256(data).hexdigest() != digest:
         raise InvalidArgument.one(field, "the upload does not match the key's SHA-256")
-    await asyncio.to_thread(_check_image, data, extension, field)
+    await asyncio.to_thread(decode_image, data, field, extension)
     _verified[key] = None
     if len(_verified) > _VERIFIED_KEYS:
         _verified.popitem(last=False)

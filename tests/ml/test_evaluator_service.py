@@ -164,7 +164,7 @@ async def test_evaluate_refuses_missing_keys_and_too_many_images(
     assert violations(caught.value) == ["image_keys[0]"]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Evaluate(pb.EvaluateRequest(prompt=PROMPT, images=[png(1)] * 17))
-    assert violations(caught.value) == ["image_keys"]
+    assert violations(caught.value) == ["images"]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Screen(pb.ScreenRequest())
     assert violations(caught.value) == ["images"]
@@ -203,7 +203,7 @@ async def test_concurrent_calls_score_exactly_as_calls_alone(
             for images, prompt, reference in calls
         ]
     # ... equals all of them at once, gathered into shared rounds, to the last bit.
-    config = settings(tmp_path, tiny_clip_dir, batch_window_ms=200, embedding_cache_size=0)
+    config = settings(tmp_path, tiny_clip_dir, scoring_window_ms=200, embedding_cache_size=0)
     async with evaluator(config) as (_, channel):
         client = EvaluatorClient(channel)
         together = await asyncio.gather(
