@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
+from imagegen.v1 import image_service_pb2, image_service_pb2_grpc, types_pb2
 
 from services.common.spec import Spec
 from services.jobs.records import JobRecord, JobStatus
@@ -43,3 +45,22 @@ def queued_job() -> JobRecord:
         cache_key="written-by-the-test",
         cost_cents=1,
     )
+
+
+async def run_to_end(
+    images: image_service_pb2_grpc.ImageServiceStub, job_id: str, within: float = 60.0
+) -> types_pb2.Job:
+    """The job as its final event reports it (WatchJob to the end, within `within` seconds)."""
+    call = images.WatchJob(image_service_pb2.WatchJobRequest(job_id=job_id))
+
+    async def final() -> types_pb2.Job:
+        async for response in call:
+            if response.event.HasField("final"):
+                job: types_pb2.Job = response.event.final.job
+                return job
+        raise AssertionError("the stream ended without a final event")
+
+    try:
+        return await asyncio.wait_for(final(), within)
+    finally:
+        call.cancel()

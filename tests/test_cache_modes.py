@@ -5,7 +5,6 @@ does with each mode, without a worker, is in tests/test_gateway.py.)"""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import uuid
@@ -27,6 +26,7 @@ from PIL import Image
 from services.common.objectstore import LocalStore, content_key, open_store
 from services.common.settings import GatewaySettings
 from tests.conftest import Mesh, ServiceEnv, start_in_process
+from tests.helpers import run_to_end
 
 WAIT = 60.0
 USE = image_service_pb2.CACHE_MODE_USE
@@ -71,23 +71,6 @@ async def create(
     )
     job: types_pb2.Job = response.job
     return job
-
-
-async def run_to_end(images: image_service_pb2_grpc.ImageServiceStub, job_id: str) -> types_pb2.Job:
-    """The job as its final event reports it."""
-    call = images.WatchJob(image_service_pb2.WatchJobRequest(job_id=job_id))
-
-    async def final() -> types_pb2.Job:
-        async for response in call:
-            if response.event.HasField("final"):
-                job: types_pb2.Job = response.event.final.job
-                return job
-        raise AssertionError("the stream ended without a final event")
-
-    try:
-        return await asyncio.wait_for(final(), WAIT)
-    finally:
-        call.cancel()
 
 
 async def rendered(

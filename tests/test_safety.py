@@ -9,7 +9,6 @@ enforce) and then starts an enforcing evaluator with a threshold between two var
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import io
@@ -39,6 +38,7 @@ from services.common.objectstore import LocalStore, open_store
 from services.common.queue import STREAM
 from services.common.settings import ROOT, GatewaySettings
 from tests.conftest import Mesh, ServiceEnv, start_in_process
+from tests.helpers import run_to_end
 
 WAIT = 60.0
 SHIPPED_POLICY = ROOT / "deploy" / "safety" / "policy.toml"
@@ -91,22 +91,6 @@ def spec(prompt: str = "", **fields: Any) -> types_pb2.GenerationSpec:
     values: dict[str, Any] = {"width_px": 64, "height_px": 64, "steps": 4, "seed": 11}
     values.update(fields)
     return types_pb2.GenerationSpec(text=prompt or f"a kite {uuid.uuid4().hex}", **values)
-
-
-async def run_to_end(images: image_service_pb2_grpc.ImageServiceStub, job_id: str) -> types_pb2.Job:
-    call = images.WatchJob(image_service_pb2.WatchJobRequest(job_id=job_id))
-
-    async def final() -> types_pb2.Job:
-        async for response in call:
-            if response.event.HasField("final"):
-                job: types_pb2.Job = response.event.final.job
-                return job
-        raise AssertionError("the stream ended without a final event")
-
-    try:
-        return await asyncio.wait_for(final(), WAIT)
-    finally:
-        call.cancel()
 
 
 async def submit(
