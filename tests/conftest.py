@@ -7,6 +7,7 @@ one module never leak into another.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import uuid
@@ -122,10 +123,11 @@ class ServiceEnv:
         return cls(**values)
 
 
-@pytest_asyncio.fixture(scope="module")
-async def env(
+@contextlib.asynccontextmanager
+async def fresh_env(
     stores: StoreUrls, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[ServiceEnv]:
+    """A database and a Redis db of their own (the Redis db flushed at the end)."""
     name = f"test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(stores.database_url)
     await admin.execute(f"CREATE DATABASE {name}")
@@ -143,6 +145,25 @@ async def env(
     client = aioredis.from_url(_with_redis_db(stores.redis_url, redis_db))
     await client.flushdb()
     await client.aclose()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def env(
+    stores: StoreUrls, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ServiceEnv]:
+    """The module's stores, which its services share."""
+    async with fresh_env(stores, model_dir, tmp_path_factory) as made:
+        yield made
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def private_env(
+    stores: StoreUrls, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ServiceEnv]:
+    """Stores of this test's own, which no service of the module (no worker, no reconciler)
+    reads: for tests that drive the job lifecycle step by step."""
+    async with fresh_env(stores, model_dir, tmp_path_factory) as made:
+        yield made
 
 
 @dataclass

@@ -498,18 +498,17 @@ async def test_a_queued_job_whose_queue_entry_was_lost_is_queued_again_and_runs(
 
 
 async def admitted_off_queue(lifecycle: JobLifecycle, redis: aioredis.Redis) -> JobRecord:
-    """A queued job with no queue entry: the module's worker leaves it to the test."""
+    """A queued job with no queue entry (on stores no worker reads: see `private_env`)."""
     job = queued_job()
-    await redis.delete(STREAM)
     await lifecycle.admit(job)
     await redis.delete(STREAM)
     return job
 
 
 async def test_a_job_that_ended_while_redis_was_away_gets_its_final_event_from_the_reconciler(
-    env: ServiceEnv,
+    private_env: ServiceEnv,
 ) -> None:
-    async with lifecycle_of(env) as (lifecycle, pool, redis):
+    async with lifecycle_of(private_env) as (lifecycle, pool, redis):
         job = await admitted_off_queue(lifecycle, redis)
         cancelled = await lifecycle.cancel(job.id)
         assert cancelled.status.value == "cancelled"
@@ -529,9 +528,9 @@ async def test_a_job_that_ended_while_redis_was_away_gets_its_final_event_from_t
 
 
 async def test_a_running_job_is_held_by_one_attempt_until_its_lease_runs_out(
-    env: ServiceEnv,
+    private_env: ServiceEnv,
 ) -> None:
-    async with lifecycle_of(env) as (lifecycle, pool, redis):
+    async with lifecycle_of(private_env) as (lifecycle, pool, redis):
         job = await admitted_off_queue(lifecycle, redis)
         first = await lifecycle.start_attempt(job.id)
         assert first is not None and first.number == 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from google.protobuf import json_format, struct_pb2
 from imagegen.v1 import events_pb2, types_pb2
@@ -151,17 +151,6 @@ def artifact_to_pb(
 ) -> types_pb2.Artifact:
     """The artifact as a message; `url_for` signs a download URL (events and the cache carry
     none: URLs expire, so they are signed when handed to a client)."""
-    evaluation = types_pb2.Evaluation(
-        nsfw=artifact.nsfw,
-        clip_model=artifact.clip_model,
-        clip_calibrated=artifact.clip_calibrated,
-        lpips_model=artifact.lpips_model,
-        lpips_calibrated=artifact.lpips_calibrated,
-    )
-    for name in ("clip_score", "lpips_diversity", "lpips_to_reference"):
-        value = getattr(artifact, name)
-        if value is not None:
-            setattr(evaluation, name, value)
     return types_pb2.Artifact(
         id=artifact.id,
         key=artifact.key,
@@ -171,9 +160,45 @@ def artifact_to_pb(
         variant_index=artifact.variant_index,
         seed=artifact.seed,
         sha256=artifact.sha256,
-        evaluation=evaluation,
+        evaluation=evaluation_to_pb(artifact),
         is_primary=artifact.is_primary,
     )
+
+
+class Scored(Protocol):
+    """What an Evaluation message is made of (an artifact's record, an evaluator's answer)."""
+
+    @property
+    def clip_score(self) -> float | None: ...
+    @property
+    def lpips_diversity(self) -> float | None: ...
+    @property
+    def lpips_to_reference(self) -> float | None: ...
+    @property
+    def nsfw(self) -> bool: ...
+    @property
+    def clip_model(self) -> str: ...
+    @property
+    def clip_calibrated(self) -> bool: ...
+    @property
+    def lpips_model(self) -> str: ...
+    @property
+    def lpips_calibrated(self) -> bool: ...
+
+
+def evaluation_to_pb(scores: Scored) -> types_pb2.Evaluation:
+    evaluation = types_pb2.Evaluation(
+        nsfw=scores.nsfw,
+        clip_model=scores.clip_model,
+        clip_calibrated=scores.clip_calibrated,
+        lpips_model=scores.lpips_model,
+        lpips_calibrated=scores.lpips_calibrated,
+    )
+    for name in ("clip_score", "lpips_diversity", "lpips_to_reference"):
+        value = getattr(scores, name)
+        if value is not None:
+            setattr(evaluation, name, value)
+    return evaluation
 
 
 def artifact_from_pb(message: types_pb2.Artifact, job_id: str) -> ArtifactRecord:

@@ -16,13 +16,13 @@ from imagegen.v1 import (
 
 from services.common.convert import (
     STATUS_FROM_PB,
+    evaluation_to_pb,
     signed_job,
     spec_from_pb,
     with_pb_fields,
     with_urls,
 )
 from services.common.errors import InvalidArgument
-from services.evaluator.client import ImageScores
 from services.gateway.cost import Cost
 from services.gateway.jobs import JobService
 from services.jobs.records import CacheMode, JobRecord
@@ -115,7 +115,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             request.prompt, list(request.image_keys), list(request.images), request.reference_key
         )
         return image_service_pb2.EvaluateImagesResponse(
-            evaluations=[evaluation_pb(s) for s in result.scores],
+            evaluations=[evaluation_to_pb(s) for s in result.scores],
             primary_index=result.primary_index,
             scoring_models=[
                 types_pb2.ScoringModel(name=m.name, role=m.role, calibrated=m.calibrated)
@@ -136,19 +136,3 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         except InvalidArgument as error:
             raise with_pb_fields(error) from None
         return cost_service_pb2.EstimateCostResponse(breakdown=cost_pb(cost))
-
-
-def evaluation_pb(scores: ImageScores) -> types_pb2.Evaluation:
-    evaluation = types_pb2.Evaluation(
-        clip_model=scores.clip_model,
-        clip_calibrated=scores.clip_calibrated,
-        lpips_model=scores.lpips_model,
-        lpips_calibrated=scores.lpips_calibrated,
-    )
-    if scores.clip_score is not None:
-        evaluation.clip_score = scores.clip_score
-    if scores.lpips_diversity is not None:
-        evaluation.lpips_diversity = scores.lpips_diversity
-    if scores.lpips_to_reference is not None:
-        evaluation.lpips_to_reference = scores.lpips_to_reference
-    return evaluation

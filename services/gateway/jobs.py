@@ -141,6 +141,10 @@ class JobService:
         keys = [(f"guidance_images[{i}].key", g.key) for i, g in enumerate(spec.guidance_images)]
         if spec.controlnet is not None and spec.controlnet.mask_key:
             keys.append(("controlnet.mask", spec.controlnet.mask_key))
+        await self._verify_uploads(keys)
+
+    async def _verify_uploads(self, keys: list[tuple[str, str]]) -> None:
+        """InvalidArgument naming every (field, key) that is not a verified upload."""
         bad = []
         for field, key in keys:
             try:
@@ -189,13 +193,7 @@ class JobService:
         keys = [(f"image_keys[{i}]", k) for i, k in enumerate(image_keys)]
         if reference_key:
             keys.append(("reference_key", reference_key))
-        for field, key in keys:
-            try:
-                await verify_stored_upload(self.objects, key, field)
-            except InvalidArgument as error:
-                bad += error.violations
-        if bad:
-            raise InvalidArgument(bad)
+        await self._verify_uploads(keys)
         return await self._evaluator.evaluate(image_keys, prompt, reference_key, images=images)
 
     async def safety_counts(self, days: int) -> list[SafetyCount]:
