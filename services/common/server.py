@@ -31,6 +31,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # How long past its grace period a stopping process may take (interpreter exit included).
 SHUTDOWN_WATCHDOG_SLACK_SECONDS = 5.0
+# The least time a shutdown cleanup gets, however much of the grace period is left.
+CLEANUP_FLOOR_SECONDS = 0.5
 
 
 class StartupRefused(RuntimeError):
@@ -150,12 +152,25 @@ class Service:
         return self.grpc.port
 
     async def stop(self, grace: float) -> None:
-        """Reports NOT_SERVING, drains in-flight calls for up to `grace`, then cleans up."""
+        """Reports NOT_SERVING, drains in-flight calls, then cleans up, all within `grace`
+        (each cleanup gets at least CLEANUP_FLOOR_SECONDS). A cleanup still running at its
+        deadline is cancelled and left, with a warning naming it: a stopping process must
+        not wait on one await that never returns."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self.grpc.stopping = True
         await self.grpc.set_serving(False)
         await self.grpc.stop(grace)
         for cleanup in reversed(self.cleanups):
-            await cleanup()
+            budget = max(deadline - loop.time(), CLEANUP_FLOOR_SECONDS)
+            task = asyncio.ensure_future(cleanup())
+            done, _ = await asyncio.wait({task}, timeout=budget)
+            if not done:
+                task.cancel()  # not awaited: its cancellation may hang as well
+                name = getattr(cleanup, "__qualname__", repr(cleanup))
+                log.warning("shutdown: %s did not finish in %.1fs; left", name, budget)
+            elif task.exception() is not None:
+                log.warning("shutdown: %s failed", cleanup, exc_info=task.exception())
 
 
 def run(start: Callable[[], Awaitable[Service]], grace: float) -> None:
