@@ -186,6 +186,21 @@ class Scored(Protocol):
     def lpips_calibrated(self) -> bool: ...
 
 
+class Model(Protocol):
+    """A scoring model as the evaluator describes it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def calibrated(self) -> bool: ...
+
+
+def scoring_model_to_pb(model: Model) -> types_pb2.ScoringModel:
+    return types_pb2.ScoringModel(name=model.name, role=model.role, calibrated=model.calibrated)
+
+
 def evaluation_to_pb(scores: Scored) -> types_pb2.Evaluation:
     evaluation = types_pb2.Evaluation(
         nsfw=scores.nsfw,

@@ -12,6 +12,9 @@ from imagegen.v1 import evaluator_service_pb2_grpc
 
 from services.common.errors import from_rpc_error
 
+# Images per Evaluate or Screen call (stored and inline together).
+MAX_IMAGES_PER_CALL = 16
+
 
 @dataclass(frozen=True)
 class ImageScores:
@@ -27,7 +30,8 @@ class ImageScores:
 
 @dataclass(frozen=True)
 class ScoringModel:
-    """A model the evaluator scored with: `role` is "clip" or "lpips"."""
+    """A network scores came from: its name (model and weights), role ("clip" or "lpips") and
+    whether its weights are real (calibrated) or a tiny seeded-random build."""
 
     name: str
     role: str
@@ -107,3 +111,9 @@ class EvaluatorClient:
             raise from_rpc_error(error) from None
         verdicts = [Verdict(v.flagged, v.category, dict(v.scores)) for v in response.verdicts]
         return verdicts, response.enforced
+
+    async def withheld_category(self, image: bytes) -> str:
+        """The category the image safety policy withholds `image` under, or "" to keep it.
+        Nothing is kept unscreened: an evaluator that cannot answer raises."""
+        verdicts, _ = await self.screen([image])
+        return verdicts[0].category if verdicts[0].flagged else ""

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from services.common.errors import InvalidArgument, NotFound
 from services.common.objectstore import ObjectStore, check_key
 from services.evaluator.batcher import Batcher
+from services.evaluator.client import ScoringModel
 from services.evaluator.images import DecodedImage, decode
-from services.evaluator.models import ScoringModel
 from services.evaluator.safety import ImageScreen, Verdict
 from services.evaluator.scoring import Scorer, Scores, ScoreSet
 
@@ -132,7 +132,7 @@ class Evaluator:
     def _round(self, works: Sequence[_Work]) -> list[_Result]:
         """One scoring round, on the scoring thread: every image encoded together, then each
         work's scores or verdicts."""
-        every = [image for work in works for image in _clip_images(work)]
+        every = [image for work in works for image in work.images]  # references: LPIPS only
         embeddings = self.scorer.image_embeddings(every)
         by_digest = {image.digest: e for image, e in zip(every, embeddings, strict=True)}
         sets = [work for work in works if isinstance(work, ScoreSet)]
@@ -146,11 +146,6 @@ class Evaluator:
                     [self._screen.verdict(by_digest[i.digest], i.image) for i in work.images]
                 )
         return results
-
-
-def _clip_images(work: _Work) -> list[DecodedImage]:
-    """The images of `work` that need a CLIP embedding (not a reference image)."""
-    return list(work.images)
 
 
 def _image_count(work: _Work) -> int:

@@ -8,12 +8,12 @@ import grpc
 from imagegen.v1 import evaluator_service_pb2 as pb
 from imagegen.v1 import evaluator_service_pb2_grpc, types_pb2
 
+from services.common.convert import scoring_model_to_pb
 from services.common.errors import FieldViolation, InvalidArgument, Unavailable
+from services.evaluator.client import MAX_IMAGES_PER_CALL
 from services.evaluator.evaluator import EvaluateResult, Evaluator, ImageInput
-from services.evaluator.models import ScoringModel
 
 Context = grpc.aio.ServicerContext[Any, Any]
-MAX_IMAGES = 16  # per call: image_keys and images together, and Screen's images
 
 
 class EvaluatorServicer(evaluator_service_pb2_grpc.EvaluatorServiceServicer):
@@ -28,9 +28,9 @@ class EvaluatorServicer(evaluator_service_pb2_grpc.EvaluatorServiceServicer):
     async def Evaluate(self, request: pb.EvaluateRequest, context: Context) -> pb.EvaluateResponse:
         evaluator = self._ready()
         bad = []
-        if not 1 <= len(request.image_keys) + len(request.images) <= MAX_IMAGES:
+        if not 1 <= len(request.image_keys) + len(request.images) <= MAX_IMAGES_PER_CALL:
             field = "images" if request.images else "image_keys"
-            bad.append(FieldViolation(field, f"give 1..{MAX_IMAGES} images in all"))
+            bad.append(FieldViolation(field, f"give 1..{MAX_IMAGES_PER_CALL} images in all"))
         if request.reference_key and request.reference_image:
             bad.append(FieldViolation("reference_image", "give it or reference_key, not both"))
         if bad:
@@ -47,8 +47,8 @@ class EvaluatorServicer(evaluator_service_pb2_grpc.EvaluatorServiceServicer):
 
     async def Screen(self, request: pb.ScreenRequest, context: Context) -> pb.ScreenResponse:
         evaluator = self._ready()
-        if not 1 <= len(request.images) <= MAX_IMAGES:
-            raise InvalidArgument.one("images", f"give 1..{MAX_IMAGES} images")
+        if not 1 <= len(request.images) <= MAX_IMAGES_PER_CALL:
+            raise InvalidArgument.one("images", f"give 1..{MAX_IMAGES_PER_CALL} images")
         images = [ImageInput(f"images[{i}]", data=d) for i, d in enumerate(request.images)]
         result = await evaluator.screen(images)
         return pb.ScreenResponse(
@@ -80,9 +80,5 @@ def evaluate_response(result: EvaluateResult) -> pb.EvaluateResponse:
         evaluations=evaluations,
         primary_index=scores.primary_index,
         models=result.models,
-        scoring_models=[scoring_model_pb(m) for m in result.scoring_models],
+        scoring_models=[scoring_model_to_pb(m) for m in result.scoring_models],
     )
-
-
-def scoring_model_pb(model: ScoringModel) -> types_pb2.ScoringModel:
-    return types_pb2.ScoringModel(name=model.name, role=model.role, calibrated=model.calibrated)

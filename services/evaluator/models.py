@@ -30,6 +30,7 @@ from PIL import Image
 from services.common.server import StartupRefused
 from services.common.settings import EvaluatorSettings
 from services.common.torch_compat import prepare_torch
+from services.evaluator.client import ScoringModel
 
 prepare_torch()
 
@@ -44,15 +45,6 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 # Seed for the AlexNet backbone when no weights file is given.
 _RANDOM_BACKBONE_SEED = 0
-
-
-@dataclass(frozen=True)
-class ScoringModel:
-    """A network scores came from: its name (model and weights), role and calibration."""
-
-    name: str
-    role: str  # "clip" or "lpips"
-    calibrated: bool
 
 
 @dataclass(frozen=True)

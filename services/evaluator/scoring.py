@@ -27,13 +27,9 @@ from pathlib import Path
 from PIL import Image
 
 from services.common.torch_compat import prepare_torch
+from services.evaluator.client import ScoringModel
 from services.evaluator.images import DecodedImage
-from services.evaluator.models import (
-    ClipSource,
-    ScoringModel,
-    load_clip,
-    load_lpips,
-)
+from services.evaluator.models import ClipSource, load_clip, load_lpips
 
 prepare_torch()
 

@@ -17,6 +17,7 @@ from imagegen.v1 import (
 from services.common.convert import (
     STATUS_FROM_PB,
     evaluation_to_pb,
+    scoring_model_to_pb,
     signed_job,
     spec_from_pb,
     with_pb_fields,
@@ -117,10 +118,7 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         return image_service_pb2.EvaluateImagesResponse(
             evaluations=[evaluation_to_pb(s) for s in result.scores],
             primary_index=result.primary_index,
-            scoring_models=[
-                types_pb2.ScoringModel(name=m.name, role=m.role, calibrated=m.calibrated)
-                for m in result.scoring_models
-            ],
+            scoring_models=[scoring_model_to_pb(m) for m in result.scoring_models],
         )
 
 

@@ -392,9 +392,10 @@ def build_app(jobs: JobService) -> Starlette:
     async def evaluate(request: Request) -> Response:
         fields = JsonObject(await _json_body(request, MAX_EVALUATE_JSON_BYTES))
         prompt = fields.get("prompt", str, "")
-        keys = [k for k in fields.get("image_keys", list, []) if isinstance(k, str)]
-        if len(keys) != len(fields.get("image_keys", list, [])):
-            fields.violation("image_keys", "must be a list of upload keys")
+        keys = fields.get("image_keys", list, [])
+        for i, key in enumerate(keys):
+            if not isinstance(key, str):
+                fields.bad.append(FieldViolation(json_path("image_keys", i), "must be a string"))
         images = []
         for i, encoded in enumerate(fields.get("images", list, [])):
             try:

@@ -33,7 +33,7 @@ from services.common.spec import (
     resolve,
     text_problem,
 )
-from services.evaluator.client import Evaluation, EvaluatorClient
+from services.evaluator.client import MAX_IMAGES_PER_CALL, Evaluation, EvaluatorClient
 from services.gateway.cost import Cost, estimate
 from services.gateway.hub import EventHub
 from services.gateway.uploads import verify_stored_upload
@@ -46,7 +46,6 @@ log = logging.getLogger("imagegen.gateway")
 WATCH_IDLE_SECONDS = 5.0
 MAX_PAGE_SIZE = 100
 MAX_IDEMPOTENCY_KEY_CHARS = 200
-MAX_EVALUATE_IMAGES = 16  # the evaluator's own limit per call
 
 
 @dataclass(frozen=True)
@@ -186,8 +185,8 @@ class JobService:
             bad.append(FieldViolation("prompt", f"at most {MAX_PROMPT_CHARS} characters"))
         elif problem := text_problem(prompt, multiline=True):
             bad.append(FieldViolation("prompt", problem))
-        if not 1 <= len(image_keys) + len(images) <= MAX_EVALUATE_IMAGES:
-            bad.append(FieldViolation("images", f"give 1..{MAX_EVALUATE_IMAGES} images in all"))
+        if not 1 <= len(image_keys) + len(images) <= MAX_IMAGES_PER_CALL:
+            bad.append(FieldViolation("images", f"give 1..{MAX_IMAGES_PER_CALL} images in all"))
         if bad:
             raise InvalidArgument(bad)
         keys = [(f"image_keys[{i}]", k) for i, k in enumerate(image_keys)]

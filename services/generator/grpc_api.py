@@ -18,7 +18,6 @@ from services.common.spec import resolve
 from services.evaluator.client import EvaluatorClient
 from services.generator.engine import Engine, Rendered, Step, progress_event, save_image
 from services.generator.guidance import load_guidance
-from services.generator.worker import screen
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -50,7 +49,7 @@ class GeneratorServicer(generator_service_pb2_grpc.GeneratorServiceServicer):
                 continue
             if not isinstance(item, Rendered):  # stages and previews: jobs' events only
                 continue
-            if category := await screen(self._evaluator, item):
+            if category := await self._evaluator.withheld_category(item.png):
                 withheld = types_pb2.WithheldVariant(
                     variant_index=item.variant_index, category=category
                 )

@@ -30,7 +30,6 @@ from services.evaluator.client import EvaluatorClient
 from services.generator.engine import (
     Engine,
     Preview,
-    Rendered,
     Stage,
     Step,
     progress_event,
@@ -213,7 +212,8 @@ class QueueWorker:
             if not uploading:
                 uploading = True
                 await _best_effort(self._lifecycle.stage(attempt, "uploading"))
-            category = await screen(self._evaluator, item)
+            # Nothing is stored unscreened: an evaluator that cannot answer fails the attempt.
+            category = await self._evaluator.withheld_category(item.png)
             if category:
                 await self._write(
                     attempt,
@@ -301,13 +301,6 @@ class QueueWorker:
             if not held:
                 token.set()
                 return
-
-
-async def screen(evaluator: EvaluatorClient, image: Rendered) -> str:
-    """The category the image safety policy flags `image` under, or "" to store it. Nothing is
-    stored unscreened: an evaluator that cannot answer fails the attempt (retried)."""
-    verdicts, _ = await evaluator.screen([image.png])
-    return verdicts[0].category if verdicts[0].flagged else ""
 
 
 async def _best_effort(announcement: Awaitable[None]) -> None:
