@@ -64,7 +64,9 @@ async def run(mesh: Mesh, count: int, repeats: int) -> dict[str, Any]:
     mesh.stop_service("generator")  # queueing only: nothing consumes the queue
     spec = {"prompt": "a quiet street", "width": 64, "height": 64, "steps": 4}
 
-    async with grpc.aio.insecure_channel(mesh.addr("gateway")) as channel:
+    async with grpc.aio.insecure_channel(
+        mesh.addr("gateway"), interceptors=mesh.auth_interceptors
+    ) as channel:
         stub = image_service_pb2_grpc.ImageServiceStub(channel)
 
         async def grpc_call(seed: int) -> None:
@@ -77,7 +79,9 @@ async def run(mesh: Mesh, count: int, repeats: int) -> dict[str, Any]:
         grpc_runs = [await _drive(count, grpc_call) for _ in range(repeats)]
 
     limits = httpx.Limits(max_connections=CONCURRENCY + 4)
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=mesh.http_url, headers=mesh.auth, timeout=30, limits=limits
+    ) as client:
 
         async def http_call(seed: int) -> None:
             response = await client.post("/api/generate/text-to-image", json={**spec, "seed": seed})

@@ -50,13 +50,15 @@ class SseEvent:
 
 
 async def sse(
-    host: str, port: int, path: str, connected: asyncio.Event | None = None
+    host: str, port: int, path: str, connected: asyncio.Event | None = None, key: str = ""
 ) -> AsyncIterator[SseEvent]:
-    """GETs `path` and yields its server-sent events (HTTP/1.1, chunked)."""
+    """GETs `path` (with the API `key`) and yields its server-sent events (HTTP/1.1,
+    chunked)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode()
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n"
+            f"Authorization: Bearer {key}\r\n\r\n".encode()
         )
         await writer.drain()
         status = await reader.readline()

@@ -41,7 +41,12 @@ async def one_job(mesh: Mesh, client: httpx.AsyncClient) -> dict[str, float]:
     response = (await client.post("/api/generate/text-to-image", json=PARAMS)).raise_for_status()
     admitted = time.time()
     run_id = response.json()["run_id"]
-    events = [e async for e in sse("127.0.0.1", mesh.ports.http, f"/api/status/stream/{run_id}")]
+    events = [
+        e
+        async for e in sse(
+            "127.0.0.1", mesh.ports.http, f"/api/status/stream/{run_id}", key=mesh.key
+        )
+    ]
     by_kind: dict[str, Any] = {}
     for event in events:
         by_kind.setdefault(event.event, []).append(event)
@@ -99,7 +104,7 @@ def direct_runs(runs: int) -> list[dict[str, float]]:
 
 
 async def run(mesh: Mesh, runs: int) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=120) as client:
         for _ in range(2):
             await one_job(mesh, client)  # warm-up: lazy imports, first allocations
         mesh_runs = [await one_job(mesh, client) for _ in range(runs)]

@@ -75,7 +75,7 @@ async def _cpu_per_call(
 async def read_cost(mesh: Mesh, reads: int, repeats: int) -> dict[str, Any]:
     gateway = psutil.Process(mesh.processes["gateway"].pid)
     postgres_dir = mesh.data_dir / "postgres"
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=60) as client:
         body = {**PARAMS, "num_variants": 2, "seed": 11, "skip_cache": True}
         created = (await client.post("/api/generate/text-to-image", json=body)).json()
         job_id = created["run_id"]
@@ -88,7 +88,9 @@ async def read_cost(mesh: Mesh, reads: int, repeats: int) -> dict[str, Any]:
         async def healthz() -> None:
             (await client.get("/healthz")).raise_for_status()
 
-        async with grpc.aio.insecure_channel(mesh.addr("gateway")) as channel:
+        async with grpc.aio.insecure_channel(
+            mesh.addr("gateway"), interceptors=mesh.auth_interceptors
+        ) as channel:
             stub = image_service_pb2_grpc.ImageServiceStub(channel)
 
             async def get_job() -> None:
@@ -133,8 +135,8 @@ async def run(mesh: Mesh, reads: int, jobs: int, repeats: int) -> dict[str, Any]
     sse_runs, poll_runs = [], []
     sse, poll = mesh_submit(mesh), polling_submit()
     for _ in range(repeats):  # interleaved, so drift hits both alike
-        sse_runs.append(await load(sse, mesh.http_url, CLIENTS, jobs))
-        poll_runs.append(await load(poll, mesh.http_url, CLIENTS, jobs))
+        sse_runs.append(await load(sse, mesh.http_url, CLIENTS, jobs, mesh.auth))
+        poll_runs.append(await load(poll, mesh.http_url, CLIENTS, jobs, mesh.auth))
     for name, runs in (("sse", sse_runs), ("polling", poll_runs)):
         results[name] = {
             "images_per_s": median([r["images_per_s"] for r in runs]),

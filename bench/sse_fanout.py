@@ -27,7 +27,7 @@ PARAMS = {
 async def run(mesh: Mesh, watchers: int, jobs: int) -> dict[str, Any]:
     gateway = psutil.Process(mesh.processes["gateway"].pid)
     rss_before = gateway.memory_info().rss
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=60) as client:
         run_ids = []
         for i in range(jobs):
             body = {**PARAMS, "seed": 1000 + i}
@@ -46,7 +46,7 @@ async def run(mesh: Mesh, watchers: int, jobs: int) -> dict[str, Any]:
             connected_at = 0.0
             path = f"/api/status/stream/{run_id}"
             try:
-                async for event in sse("127.0.0.1", mesh.ports.http, path, connected):
+                async for event in sse("127.0.0.1", mesh.ports.http, path, connected, key=mesh.key):
                     if not connected_at:
                         connected_at = time.time()
                     ids.append(event.id)
@@ -72,7 +72,9 @@ async def run(mesh: Mesh, watchers: int, jobs: int) -> dict[str, Any]:
         for run_id in run_ids:
             truth[run_id] = [
                 e.id
-                async for e in sse("127.0.0.1", mesh.ports.http, f"/api/status/stream/{run_id}")
+                async for e in sse(
+                    "127.0.0.1", mesh.ports.http, f"/api/status/stream/{run_id}", key=mesh.key
+                )
             ]
     complete = sum(received[i] == truth[run_ids[i % jobs]] for i in range(watchers))
     return {

@@ -26,7 +26,13 @@ PARAMS = {"prompt": "a red bicycle leaning on a wall", "width": 128, "height": 1
 Submit = Callable[[httpx.AsyncClient, int], Awaitable[None]]
 
 
-async def load(submit: Submit, base_url: str, clients: int, jobs: int) -> dict[str, Any]:
+async def load(
+    submit: Submit,
+    base_url: str,
+    clients: int,
+    jobs: int,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -45,7 +51,9 @@ async def load(submit: Submit, base_url: str, clients: int, jobs: int) -> dict[s
                 errors += 1
 
     limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=300, limits=limits
+    ) as client:
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         wall = time.perf_counter() - started
@@ -64,7 +72,7 @@ def mesh_submit(mesh: Mesh) -> Submit:
         body = {**PARAMS, "seed": seed, "skip_cache": True}
         response = (await client.post("/api/generate/text-to-image", json=body)).raise_for_status()
         path = f"/api/status/stream/{response.json()['run_id']}"
-        async for event in sse("127.0.0.1", mesh.ports.http, path):
+        async for event in sse("127.0.0.1", mesh.ports.http, path, key=mesh.key):
             if event.event == "final" and event.data["status"] != "completed":
                 raise RuntimeError(event.data["error"])
 
@@ -87,9 +95,12 @@ def _medians(repeats: list[dict[str, Any]]) -> dict[str, Any]:
 async def run(mesh: Mesh, repeats: int) -> dict[str, Any]:
     results: dict[str, Any] = {"params": PARAMS, "repeats": repeats, "mesh": {}, "baseline": {}}
     submit = mesh_submit(mesh)
-    await load(submit, mesh.http_url, 1, 2)  # warm-up
+    await load(submit, mesh.http_url, 1, 2, mesh.auth)  # warm-up
     for clients in LEVELS:
-        runs = [await load(submit, mesh.http_url, clients, JOBS[clients]) for _ in range(repeats)]
+        runs = [
+            await load(submit, mesh.http_url, clients, JOBS[clients], mesh.auth)
+            for _ in range(repeats)
+        ]
         results["mesh"][clients] = _medians(runs)
 
     port = free_port()

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -60,8 +61,9 @@ def _describe(event: dict[str, Any]) -> str:
     return json.dumps(data)
 
 
-async def main(base_url: str) -> int:
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+async def main(base_url: str, key: str) -> int:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120) as client:
         started = time.perf_counter()
         job = (await client.post("/api/generate/text-to-image", json=REQUEST)).raise_for_status()
         created = job.json()
@@ -100,4 +102,11 @@ async def main(base_url: str) -> int:
 
 if __name__ == "__main__":
     url = os.environ.get("IMAGEGEN_URL", "http://127.0.0.1:8080")
-    sys.exit(asyncio.run(main(url)))
+    # IMAGEGEN_API_KEY, else the key `make run` keeps in DATA_DIR/dev.key.
+    key_file = Path(os.environ.get("DATA_DIR", ".data")) / "dev.key"
+    key = os.environ.get("IMAGEGEN_API_KEY") or (
+        key_file.read_text().strip() if key_file.exists() else ""
+    )
+    if not key:
+        sys.exit(f"no API key: set IMAGEGEN_API_KEY, or start `make run` (it writes {key_file})")
+    sys.exit(asyncio.run(main(url, key)))

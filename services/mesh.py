@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.embedded import EmbeddedStores, start_embedded
+from services.common.interceptors import ClientInterceptor, bearer_interceptors
 from services.common.server import PortInUse
 
 log = logging.getLogger("imagegen.mesh")
@@ -67,6 +68,18 @@ class Mesh:
     env: dict[str, str]
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     stores: EmbeddedStores | None = None
+    # The admin API key of tenant "local", kept in data_dir/dev.key (made once started).
+    key: str = ""
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The key as HTTP headers."""
+        return {"Authorization": f"Bearer {self.key}"}
+
+    @property
+    def auth_interceptors(self) -> list[ClientInterceptor]:
+        """The key for a gRPC channel to the gateway."""
+        return bearer_interceptors(self.key)
 
     @property
     def http_url(self) -> str:
@@ -143,6 +156,7 @@ def prepare_mesh(data_dir: Path, ports: Ports, extra_env: dict[str, str] | None 
         stores = start_embedded(data_dir)
         env.setdefault("DATABASE_URL", stores.database_url)
         env.setdefault("REDIS_URL", stores.redis_url)
+        env["EMBEDDED"] = "1"
     env.update(
         DATA_DIR=str(data_dir),
         HF_HUB_OFFLINE="1",
@@ -158,14 +172,17 @@ def prepare_mesh(data_dir: Path, ports: Ports, extra_env: dict[str, str] | None 
 
 
 async def start_services(mesh: Mesh, log_dir: Path | None = None, within: float = 120) -> None:
-    """Starts the four services of a prepared mesh; returns once all are SERVING (on failure,
-    everything is stopped)."""
+    """Starts the four services of a prepared mesh; returns once all are SERVING, with the
+    admin key of data_dir/dev.key made if new (on failure, everything is stopped)."""
+    from services.gateway.cli import ensure_dev_key  # the gateway's operator commands
+
     try:
         for name in SERVICES:
             mesh.start_service(name, log_dir)
         await asyncio.gather(
             *(wait_serving(mesh.addr(n), within, mesh.processes[n]) for n in SERVICES)
         )
+        mesh.key = await ensure_dev_key(mesh.env["DATABASE_URL"], mesh.data_dir / "dev.key")
     except BaseException:
         await asyncio.to_thread(mesh.stop)
         raise
@@ -194,11 +211,20 @@ def main() -> None:
     except PortInUse as error:
         log.error("%s", error)
         raise SystemExit(2) from None
+    key_path = data_dir / "dev.key"
     log.info(
         "all services SERVING in %.1fs: HTTP %s  gRPC gateway %s  (Ctrl-C stops everything)",
         time.monotonic() - started,
         mesh.http_url,
         mesh.addr("gateway"),
+    )
+    # As Jupyter does: the page's URL carrying the key (in the fragment, which the browser
+    # never sends to a server); the page keeps it for the session and drops it from the URL.
+    print(
+        f"\n    Open the page:  {mesh.http_url}/#key={mesh.key}\n"
+        f"    API key (admin, tenant 'local') in {key_path}, e.g.\n"
+        f'    curl -H "Authorization: Bearer $(cat {key_path})" {mesh.http_url}/api/jobs\n',
+        flush=True,
     )
     stop = False
 

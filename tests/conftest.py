@@ -22,6 +22,8 @@ import pytest
 import pytest_asyncio
 from imagegen.v1 import image_service_pb2_grpc
 
+from services.common import db
+from services.common.interceptors import ClientInterceptor, bearer_interceptors
 from services.common.server import Service
 from services.common.settings import (
     CacheSettings,
@@ -30,6 +32,7 @@ from services.common.settings import (
     GeneratorSettings,
 )
 from services.mesh import free_port
+from services.tenants.keys import ALL_SCOPES, KeyStore, Scope
 
 ROOT = Path(__file__).resolve().parents[1]
 _redis_dbs = itertools.count(1)
@@ -166,14 +169,44 @@ async def private_env(
         yield made
 
 
+async def new_key(
+    database_url: str,
+    tenant: str = "tests",
+    scopes: tuple[Scope, ...] = ALL_SCOPES,
+    **limits: Any,
+) -> str:
+    """A new API key of `tenant` (made if new), with `scopes` and limits (rate_per_minute,
+    max_concurrent)."""
+    pool = await db.connect(database_url)
+    try:
+        _, key = await KeyStore(pool).create(tenant, scopes, **limits)
+    finally:
+        await pool.close()
+    return key
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 @dataclass
 class Mesh:
-    """Services started in this process, by name."""
+    """Services started in this process, by name, and an API key of tenant "tests" with every
+    scope (`auth`: its headers for HTTP; `auth_interceptors`: for a gRPC channel)."""
 
     services: dict[str, Service]
+    key: str = ""
 
     def addr(self, name: str) -> str:
         return f"127.0.0.1:{self.services[name].port}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return bearer(self.key)
+
+    @property
+    def auth_interceptors(self) -> list[ClientInterceptor]:
+        return bearer_interceptors(self.key)
 
     @property
     def http_url(self) -> str:
@@ -225,6 +258,7 @@ async def start_in_process(env: ServiceEnv, names: tuple[str, ...], workers: int
             mesh.services["gateway"] = await start_gateway(
                 env.settings(GatewaySettings, http_port=env.http_port, **peers())
             )
+            mesh.key = await new_key(env.database_url)
     except BaseException:
         await mesh.stop()
         raise
@@ -234,5 +268,7 @@ async def start_in_process(env: ServiceEnv, names: tuple[str, ...], workers: int
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def images(mesh: Mesh) -> AsyncIterator[image_service_pb2_grpc.ImageServiceStub]:
     """An ImageService stub on the gateway of the module's `mesh` (modules that start one)."""
-    async with grpc.aio.insecure_channel(mesh.addr("gateway")) as channel:
+    async with grpc.aio.insecure_channel(
+        mesh.addr("gateway"), interceptors=mesh.auth_interceptors
+    ) as channel:
         yield image_service_pb2_grpc.ImageServiceStub(channel)

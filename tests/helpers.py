@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 
 import grpc
@@ -10,8 +11,13 @@ from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
 from imagegen.v1 import image_service_pb2, image_service_pb2_grpc, types_pb2
 
+from services.common import db
+from services.common.objectstore import open_store
+from services.common.settings import GatewaySettings
 from services.common.spec import Spec
+from services.gateway.uploads import Uploads
 from services.jobs.records import JobRecord, JobStatus
+from tests.conftest import ServiceEnv
 
 
 def violations(error: grpc.aio.AioRpcError) -> list[str]:
@@ -27,9 +33,27 @@ def violations(error: grpc.aio.AioRpcError) -> list[str]:
     return fields
 
 
-def queued_job() -> JobRecord:
-    """A queued job as a gateway admits it."""
+async def stored_upload(
+    env: ServiceEnv, data: bytes, tenant: str = "tests", content_type: str = "image/png"
+) -> str:
+    """The key of `data` uploaded by `tenant` (the tenant of the mesh's key by default): granted
+    as /api/uploads/presign grants it, then written to the store as the client's PUT would."""
+    objects = open_store(env.settings(GatewaySettings))
+    pool = await db.connect(env.database_url)
+    try:
+        digest = hashlib.sha256(data).hexdigest()
+        upload = await Uploads(objects, pool, 600).presign(tenant, content_type, digest, len(data))
+    finally:
+        await pool.close()
+    await objects.put(upload.key, data, content_type)
+    return upload.key
+
+
+def queued_job(tenant: str = "tests") -> JobRecord:
+    """A queued job as a gateway admits it, of `tenant` (by default the tenant of the mesh's
+    key, so that the test's stubs can read it)."""
     return JobRecord(
+        tenant=tenant,
         id=str(uuid.uuid4()),
         status=JobStatus.QUEUED,
         spec=Spec(

@@ -54,6 +54,10 @@ def objects(env: ServiceEnv) -> LocalStore:
     return store
 
 
+# The tenant of the mesh's key: its jobs read and write the cache under this namespace.
+TENANT = "tests"
+
+
 def spec() -> types_pb2.GenerationSpec:
     """A one-variant 64x64, 4-step tiny-sd request with a prompt no other test uses."""
     return types_pb2.GenerationSpec(
@@ -90,7 +94,7 @@ async def lookup(
     cache: cache_service_pb2_grpc.CacheServiceStub, request_spec: types_pb2.GenerationSpec
 ) -> cache_service_pb2.LookupResponse:
     response: cache_service_pb2.LookupResponse = await cache.Lookup(
-        cache_service_pb2.LookupRequest(spec=request_spec)
+        cache_service_pb2.LookupRequest(spec=request_spec, namespace=TENANT)
     )
     return response
 
@@ -119,7 +123,7 @@ async def store_placeholder(
     )
     stored = await cache.Store(
         cache_service_pb2.StoreRequest(
-            spec=request_spec, job_id=str(uuid.uuid4()), artifacts=[artifact]
+            spec=request_spec, job_id=str(uuid.uuid4()), artifacts=[artifact], namespace=TENANT
         )
     )
     entry: cache_service_pb2.CacheEntry = stored.entry

@@ -99,6 +99,32 @@ def artifact_keys(entry: pb.CacheEntry) -> list[tuple[int, str, str]]:
     return [(a.variant_index, a.key, a.sha256) for a in entry.artifacts]
 
 
+async def test_namespaces_keep_tenants_caches_apart(
+    cache: cache_service_pb2_grpc.CacheServiceStub,
+) -> None:
+    request_spec = spec()
+    await cache.Store(
+        pb.StoreRequest(
+            spec=request_spec,
+            job_id=str(uuid.uuid4()),
+            artifacts=artifacts(request_spec.seed),
+            namespace="a",
+        )
+    )
+    for seed_agnostic in (False, True):
+        found = {
+            namespace: (
+                await cache.Lookup(
+                    pb.LookupRequest(
+                        spec=request_spec, seed_agnostic=seed_agnostic, namespace=namespace
+                    )
+                )
+            ).hit
+            for namespace in ("a", "b", "")
+        }
+        assert found == {"a": True, "b": False, "": False}
+
+
 async def test_lookup_misses_then_hits_after_store_with_the_same_artifacts(
     cache: cache_service_pb2_grpc.CacheServiceStub,
 ) -> None:

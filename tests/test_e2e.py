@@ -79,7 +79,7 @@ async def test_every_service_is_serving_and_reflects_its_services(mesh: Mesh) ->
 async def test_http_job_streams_progress_then_scored_pngs_then_a_byte_identical_cache_hit(
     mesh: Mesh,
 ) -> None:
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=60) as client:
         created = await client.post("/api/generate/text-to-image", json=REQUEST)
         assert created.status_code == 201, created.text
         job = created.json()
@@ -125,7 +125,9 @@ async def test_http_job_streams_progress_then_scored_pngs_then_a_byte_identical_
 
 
 async def test_grpc_job_is_watched_to_completion_and_resumes_without_gaps(mesh: Mesh) -> None:
-    async with grpc.aio.insecure_channel(mesh.addr("gateway")) as channel:
+    async with grpc.aio.insecure_channel(
+        mesh.addr("gateway"), interceptors=mesh.auth_interceptors
+    ) as channel:
         stub = image_service_pb2_grpc.ImageServiceStub(channel)
         spec = types_pb2.GenerationSpec(
             text="a red bicycle", seed=7, width_px=64, height_px=64, steps=4, num_variants=1
@@ -166,7 +168,7 @@ async def test_a_job_whose_generator_is_killed_mid_run_is_reclaimed_and_complete
         "num_variants": 1,
         "skip_cache": True,
     }
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=60) as client:
         job = (await client.post("/api/generate/text-to-image", json=request)).json()
         path = f"/api/status/stream/{job['run_id']}"
         async for event in sse_events(client, path):
@@ -190,7 +192,7 @@ async def test_a_job_whose_generator_is_killed_mid_run_is_reclaimed_and_complete
 
 
 async def test_the_web_page_is_served_and_drives_the_http_api(mesh: Mesh) -> None:
-    async with httpx.AsyncClient(base_url=mesh.http_url) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth) as client:
         page = await client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for route in (
@@ -199,7 +201,7 @@ async def test_the_web_page_is_served_and_drives_the_http_api(mesh: Mesh) -> Non
         "/api/cost/estimate",
         "/api/uploads/presign",
         "/api/models",
-        "EventSource",
+        "Authorization",
     ):
         assert route in page.text, route
 

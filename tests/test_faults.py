@@ -190,7 +190,7 @@ async def test_a_generator_killed_mid_job_leaves_no_job_unfinished_or_rendered_t
     fault_env: FaultEnv, fault_mesh: Any
 ) -> None:
     mesh: Mesh = await fault_mesh()
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=30) as http:
         burst = Burst()
         for i in range(6):
             await submit(http, burst, f"kill {i}", steps=40, variants=2, size=128)
@@ -205,7 +205,7 @@ async def test_an_sse_stream_cut_by_a_gateway_kill_resumes_with_last_event_id_wi
     fault_env: FaultEnv, fault_mesh: Any
 ) -> None:
     mesh: Mesh = await fault_mesh()
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=30) as http:
         burst = Burst()
         await submit(http, burst, "resumed", steps=60, variants=2, size=128)
         job_id = burst.accepted["resumed"]
@@ -241,7 +241,7 @@ async def test_a_redis_restart_during_a_burst_loses_no_accepted_job(
     async def restart_redis() -> None:
         await asyncio.to_thread(fault_env.redis.restart, 2.0, hard=True)
 
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=30) as http:
         burst = await submit_burst(http, 50, restart_redis, at=15)
         # Postgres stayed up: every submission was admitted, Redis or not.
         assert len(burst.accepted) + len(burst.unknown) == 50
@@ -252,7 +252,7 @@ async def test_a_redis_restart_during_a_burst_loses_no_accepted_job(
 
 async def test_redis_losing_all_its_data_loses_no_job(fault_env: FaultEnv, fault_mesh: Any) -> None:
     mesh: Mesh = await fault_mesh()
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=30) as http:
         burst = Burst()
         for i in range(20):
             await submit(http, burst, f"flushed {i}", steps=8)
@@ -274,7 +274,7 @@ async def test_a_postgres_restart_under_load_refuses_truthfully_and_loses_no_acc
     async def restart_postgres() -> None:
         await asyncio.to_thread(fault_env.postgres.restart, 3.0, hard=True)
 
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=30) as http:
         burst = await submit_burst(http, 40, restart_postgres, at=10)
         assert burst.refused, "Postgres was down: some submissions must have been refused"
         statuses = await check_exactly_once(fault_env, burst)
@@ -343,7 +343,7 @@ async def test_cancelling_a_running_job_stops_its_render_within_one_step(
 ) -> None:
     mesh: Mesh = await fault_mesh(WORKERS="1")  # one job in hand: the second one waits
     steps = 100
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=30) as http:
         burst = Burst()
         await submit(http, burst, "cancelled", steps=steps, variants=1, size=256)
         await submit(http, burst, "never starts", steps=steps, variants=1, size=256)
@@ -371,7 +371,7 @@ async def test_cancelling_a_running_job_stops_its_render_within_one_step(
     assert kinds.count("progress") < steps
     assert waiting_kinds == ["status", "final"]  # queued, then cancelled: it never started
     # The worker is free for the next job at once.
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=30) as http:
         burst = Burst()
         await submit(http, burst, "after the cancel")
         assert set((await check_exactly_once(fault_env, burst)).values()) == {"completed"}
@@ -381,7 +381,7 @@ async def test_a_generator_stopped_mid_job_exits_in_its_grace_and_its_job_runs_e
     fault_env: FaultEnv, fault_mesh: Any
 ) -> None:
     mesh: Mesh = await fault_mesh(GRACE_SECONDS="2")
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=30) as http:
         burst = Burst()
         await submit(http, burst, "interrupted", steps=100, variants=2, size=256)
         job_id = burst.accepted["interrupted"]

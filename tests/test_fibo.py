@@ -310,7 +310,7 @@ async def mesh(env: ServiceEnv) -> AsyncIterator[Mesh]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def http(mesh: Mesh) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=WAIT) as client:
         yield client
 
 
@@ -398,7 +398,9 @@ async def test_a_fibo_job_renders_through_the_mesh(whole_mesh: Mesh) -> None:
         height_px=64,
         num_variants=2,
     )
-    async with grpc.aio.insecure_channel(whole_mesh.addr("gateway")) as channel:
+    async with grpc.aio.insecure_channel(
+        whole_mesh.addr("gateway"), interceptors=whole_mesh.auth_interceptors
+    ) as channel:
         images = image_service_pb2_grpc.ImageServiceStub(channel)
         created = await images.CreateJob(image_service_pb2.CreateJobRequest(spec=request))
         job = await final_job(images, created.job.id)

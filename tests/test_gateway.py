@@ -40,7 +40,7 @@ from services.gateway.jobs import WATCH_IDLE_SECONDS
 from services.jobs.lifecycle import JobLifecycle
 from services.jobs.records import CacheMode
 from tests.conftest import Mesh, ServiceEnv, start_in_process
-from tests.helpers import violations
+from tests.helpers import stored_upload, violations
 
 IMAGE_SERVICE = "imagegen.v1.ImageService"
 COST_SERVICE = "imagegen.v1.CostService"
@@ -56,7 +56,9 @@ async def mesh(env: ServiceEnv) -> AsyncIterator[Mesh]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def channel(mesh: Mesh) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(mesh.addr("gateway")) as opened:
+    async with grpc.aio.insecure_channel(
+        mesh.addr("gateway"), interceptors=mesh.auth_interceptors
+    ) as opened:
         yield opened
 
 
@@ -83,7 +85,7 @@ def cache(cache_channel: grpc.aio.Channel) -> cache_service_pb2_grpc.CacheServic
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def http(mesh: Mesh) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=WAIT) as client:
         yield client
 
 
@@ -306,11 +308,9 @@ async def test_create_job_rejects_a_guidance_image_that_was_never_uploaded(
 
 
 async def test_create_job_accepts_an_uploaded_guidance_image_and_prices_it(
-    images: image_service_pb2_grpc.ImageServiceStub, objects: LocalStore
+    images: image_service_pb2_grpc.ImageServiceStub, env: ServiceEnv
 ) -> None:
-    data = png((10, 200, 30))
-    key = content_key(data, "uploads", "png")
-    await objects.put(key, data, "image/png")
+    key = await stored_upload(env, png((10, 200, 30)))
     guidance = types_pb2.GuidanceImage(key=key, role=types_pb2.GUIDANCE_ROLE_REFERENCE)
     response = await create(images, spec(guidance_images=[guidance]))
     assert response.job.status == types_pb2.JOB_STATUS_QUEUED
@@ -576,7 +576,10 @@ async def store_result(
         )
     await cache.Store(
         cache_service_pb2.StoreRequest(
-            spec=request_spec, job_id=str(uuid.uuid4()), artifacts=artifacts
+            spec=request_spec,
+            job_id=str(uuid.uuid4()),
+            artifacts=artifacts,
+            namespace="tests",  # the cache of the mesh key's tenant
         )
     )
     return artifacts
@@ -926,11 +929,14 @@ async def test_files_are_served_only_with_a_valid_unexpired_signature(
     later = {**query, "expires": str(int(query["expires"]) + 60)}
     expired_at = 1_000_000_000
     expired = {"expires": str(expired_at), "signature": objects.signature("GET", key, expired_at)}
-    for params in (bad_signature, later, expired, {}):
+    for params in (bad_signature, later, expired, {"expires": query["expires"]}):
         response = await http.get(f"{parts.path}?{urlencode(params)}")
         assert response.status_code == 403, params
     other = await http.get(f"/files/images/00/{'0' * 64}.png?{parts.query}")
     assert other.status_code == 403
+    # Unsigned, a file is the key owner's only: an image no job of this tenant made is unknown.
+    assert (await http.get(parts.path)).status_code == 404
+    assert (await http.get(parts.path, headers={"Authorization": ""})).status_code == 401
 
 
 # Health and reflection

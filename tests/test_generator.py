@@ -33,13 +33,12 @@ from PIL import Image
 
 from services.common import db
 from services.common.events import EventLog, stream_key
-from services.common.objectstore import content_key, open_store
-from services.common.queue import DEAD_LETTERS, INDEX, STREAM, JobQueue
+from services.common.queue import DEAD_LETTERS, JobQueue
 from services.common.settings import ROOT, CommonSettings, EvaluatorSettings, GeneratorSettings
 from services.jobs.lifecycle import JobLifecycle
 from services.jobs.records import JobRecord, JobStatus
 from tests.conftest import Mesh, ServiceEnv, start_in_process
-from tests.helpers import queued_job, violations
+from tests.helpers import queued_job, stored_upload, violations
 
 WAIT = 30.0
 TINY = json.loads((ROOT / "deploy" / "models" / "tiny.json").read_text())
@@ -55,7 +54,9 @@ async def mesh(env: ServiceEnv) -> AsyncIterator[Mesh]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def gateway_channel(mesh: Mesh) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(mesh.addr("gateway")) as opened:
+    async with grpc.aio.insecure_channel(
+        mesh.addr("gateway"), interceptors=mesh.auth_interceptors
+    ) as opened:
         yield opened
 
 
@@ -79,7 +80,7 @@ def generator(
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def http(mesh: Mesh) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=WAIT) as client:
         yield client
 
 
@@ -489,9 +490,7 @@ async def test_a_queued_job_whose_queue_entry_was_lost_is_queued_again_and_runs(
         # Admitted while Redis was away: the row exists, the queue entry does not.
         job = queued_job()
         await lifecycle.admit(job)
-        entry = await redis.hget(INDEX, job.id)
-        await redis.xdel(STREAM, entry)
-        await redis.hdel(INDEX, job.id)
+        await JobQueue(redis).discard(job.id)
         events = await job_events(images, job.id)
     assert events[-1].final.job.status == types_pb2.JOB_STATUS_COMPLETED
     assert events[-1].final.job.attempts == 1
@@ -501,7 +500,7 @@ async def admitted_off_queue(lifecycle: JobLifecycle, redis: aioredis.Redis) -> 
     """A queued job with no queue entry (on stores no worker reads: see `private_env`)."""
     job = queued_job()
     await lifecycle.admit(job)
-    await redis.delete(STREAM)
+    assert await JobQueue(redis).discard(job.id)
     return job
 
 
@@ -598,11 +597,9 @@ async def test_a_job_failing_for_a_reason_retrying_cannot_fix_fails_on_its_first
     images: image_service_pb2_grpc.ImageServiceStub, env: ServiceEnv
 ) -> None:
     settings = env.settings(CommonSettings)
-    objects = open_store(settings)
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (uuid.uuid4().int % 256, 40, 90)).save(buffer, format="PNG")
-    key = content_key(buffer.getvalue(), "uploads", "png")
-    await objects.put(key, buffer.getvalue(), "image/png")
+    key = await stored_upload(env, buffer.getvalue())
     request_spec = spec(width_px=256, height_px=256, steps=60)
     request_spec.guidance_images.add(key=key, role=types_pb2.GUIDANCE_ROLE_REFERENCE)
     created = await images.CreateJob(

@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw
 from services.common.convert import spec_from_pb, spec_to_pb
 from services.common.errors import InvalidArgument
 from services.common.models import Registry, load_registry
-from services.common.objectstore import LocalStore, content_key, open_store
-from services.common.settings import ROOT, GatewaySettings
+from services.common.objectstore import LocalStore, content_key
+from services.common.settings import ROOT
 from services.common.spec import (
     DEFAULT_STRENGTH,
     ControlNet,
@@ -49,7 +49,7 @@ from services.common.spec import (
 from services.common.torch_compat import prepare_torch
 from services.jobs.records import decode_spec, encode_spec
 from tests.conftest import Mesh, ServiceEnv, start_in_process
-from tests.helpers import violations
+from tests.helpers import stored_upload, violations
 
 prepare_torch()
 
@@ -491,7 +491,9 @@ async def mesh(env: ServiceEnv) -> AsyncIterator[Mesh]:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def channels(mesh: Mesh) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
     async with (
-        grpc.aio.insecure_channel(mesh.addr("gateway")) as gateway,
+        grpc.aio.insecure_channel(
+            mesh.addr("gateway"), interceptors=mesh.auth_interceptors
+        ) as gateway,
         grpc.aio.insecure_channel(mesh.addr("generator")) as generator,
     ):
         yield {"gateway": gateway, "generator": generator}
@@ -499,19 +501,16 @@ async def channels(mesh: Mesh) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def http(mesh: Mesh) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=WAIT) as client:
         yield client
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def reference_key(env: ServiceEnv) -> str:
     """A reference image uploaded to the gateway's object store."""
-    store = open_store(env.settings(GatewaySettings))
     buffer = io.BytesIO()
     scene().save(buffer, format="PNG")
-    key = content_key(buffer.getvalue(), "uploads", "png")
-    await store.put(key, buffer.getvalue(), "image/png")
-    return key
+    return await stored_upload(env, buffer.getvalue())
 
 
 def grpc_spec(key: str, change: str) -> types_pb2.GenerationSpec:

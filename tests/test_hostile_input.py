@@ -41,12 +41,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.common.db import connect
 from services.common.errors import InvalidArgument
 from services.common.interceptors import request_id
 from services.common.objectstore import LocalStore, open_store
 from services.common.settings import GatewaySettings
 from services.gateway.http_input import MAX_JSON_BYTES, RequestContext
-from services.gateway.uploads import MAX_UPLOAD_BYTES, verify_stored_upload
+from services.gateway.uploads import Uploads
 from tests.conftest import Mesh, ServiceEnv, start_in_process
 from tests.helpers import violations
 
@@ -76,7 +77,9 @@ async def mesh(env: ServiceEnv) -> AsyncIterator[Mesh]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def channel(mesh: Mesh) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(mesh.addr("gateway")) as opened:
+    async with grpc.aio.insecure_channel(
+        mesh.addr("gateway"), interceptors=mesh.auth_interceptors
+    ) as opened:
         yield opened
 
 
@@ -92,7 +95,7 @@ def costs(channel: grpc.aio.Channel) -> cost_service_pb2_grpc.CostServiceStub:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def http(mesh: Mesh) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=WAIT) as client:
         yield client
 
 
@@ -174,8 +177,8 @@ async def test_a_json_body_declared_over_one_mib_is_refused_with_413_before_it_i
     port = mesh.services["gateway"].http_port
     for route in ("/api/generate/text-to-image", "/api/cost/estimate", "/api/cache/lookup"):
         head = (
-            f"POST {route} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            f"content-length: {MAX_JSON_BYTES + 1}\r\n\r\n"
+            f"POST {route} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {mesh.key}\r\ncontent-length: {MAX_JSON_BYTES + 1}\r\n\r\n"
         )
         # Not one byte of the body is sent: the answer must come from the declared length.
         status, body = await raw_exchange(port, head, [])
@@ -189,8 +192,8 @@ async def test_a_chunked_json_body_over_one_mib_is_refused_with_413_while_it_str
 ) -> None:
     port = mesh.services["gateway"].http_port
     head = (
-        "POST /api/cost/estimate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        "transfer-encoding: chunked\r\n\r\n"
+        "POST /api/cost/estimate HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer {mesh.key}\r\ntransfer-encoding: chunked\r\n\r\n"
     )
     piece = b"[" * 65536
     chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
@@ -209,8 +212,8 @@ async def test_an_upload_over_its_own_limit_is_refused_with_413_before_it_is_sen
     )
     url = urlsplit(presigned.json()["upload_url"])
     head = (
-        f"PUT {url.path}?{url.query} HTTP/1.1\r\nhost: x\r\ncontent-type: image/png\r\n"
-        f"content-length: {MAX_UPLOAD_BYTES + 1}\r\n\r\n"
+        f"PUT {url.path}?{url.query} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: image/png\r\n"
+        "content-length: 11\r\n\r\n"  # one byte over the size it was presigned for
     )
     status, body = await raw_exchange(mesh.services["gateway"].http_port, head, [])
     assert status == 413
@@ -730,34 +733,42 @@ async def test_an_upload_that_is_not_an_allowed_whole_image_is_refused(
     assert fields_of(response) == [field]
 
 
-async def test_a_stored_upload_is_verified_before_any_job_may_use_it(objects: LocalStore) -> None:
+async def test_a_stored_upload_is_verified_before_any_job_may_use_it(
+    env: ServiceEnv, objects: LocalStore
+) -> None:
     field = "guidance_images[0].key"
-    good = png(color=(1, 2, 3))
-    good_key = (
-        f"uploads/{hashlib.sha256(good).hexdigest()[:2]}/{hashlib.sha256(good).hexdigest()}.png"
-    )
-    await objects.put(good_key, good, "image/png")
-    await verify_stored_upload(objects, good_key, field)
+    pool = await connect(env.database_url)
+    try:
+        uploads = Uploads(objects, pool, ttl_seconds=60)
 
-    # S3 presigned PUTs bypass the gateway: whatever was stored is checked when it is used.
-    garbage = b"\x89PNG\r\n\x1a\n and then garbage"
-    digest = hashlib.sha256(garbage).hexdigest()
-    garbage_key = f"uploads/{digest[:2]}/{digest}.png"
-    await objects.put(garbage_key, garbage, "image/png")
-    swapped_key = f"uploads/{digest[:2]}/{digest}.jpg"
-    await objects.put(swapped_key, good, "image/jpeg")  # not the bytes its key names
-    missing = png(color=(4, 5, 6))
-    missing_digest = hashlib.sha256(missing).hexdigest()
-    for key in (
-        garbage_key,
-        swapped_key,
-        f"uploads/{missing_digest[:2]}/{missing_digest}.png",
-        "uploads/zz/not-a-key.png",
-        "images/00/" + "0" * 64 + ".png",
-    ):
-        with pytest.raises(InvalidArgument) as caught:
-            await verify_stored_upload(objects, key, field)
-        assert [v.field for v in caught.value.violations] == [field], key
+        async def granted(data: bytes, content_type: str = "image/png") -> str:
+            digest = hashlib.sha256(data).hexdigest()
+            return (await uploads.presign("local", content_type, digest, len(data))).key
+
+        good = png(color=(1, 2, 3))
+        good_key = await granted(good)
+        await objects.put(good_key, good, "image/png")
+        await uploads.verify(good_key, field, "local")
+
+        # S3 uploads do not pass the gateway: whatever was stored is checked when it is used.
+        garbage = b"\x89PNG\r\n\x1a\n and then garbage"
+        garbage_key = await granted(garbage)
+        await objects.put(garbage_key, garbage, "image/png")
+        swapped_key = await granted(garbage, "image/jpeg")
+        await objects.put(swapped_key, good, "image/jpeg")  # not the bytes its key names
+        missing_key = await granted(png(color=(4, 5, 6)))
+        for key in (
+            garbage_key,
+            swapped_key,
+            missing_key,
+            "uploads/local/zz/not-a-key.png",
+            "images/00/" + "0" * 64 + ".png",
+        ):
+            with pytest.raises(InvalidArgument) as caught:
+                await uploads.verify(key, field, "local")
+            assert [v.field for v in caught.value.violations] == [field], key
+    finally:
+        await pool.close()
 
 
 # Fuzzing: arbitrary bodies, paths, queries and messages never get a 5xx or INTERNAL.

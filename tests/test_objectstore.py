@@ -3,8 +3,11 @@ and S3 through `minio` against an S3 protocol server on 127.0.0.1 (moto's standa
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -67,13 +70,45 @@ async def test_s3_missing_object_is_not_found(s3: S3Store) -> None:
         await s3.get("images/00/missing.png")
 
 
-async def test_s3_presigned_urls_download_and_upload_over_http(s3: S3Store) -> None:
+async def test_s3_presigned_post_uploads_and_presigned_get_downloads_over_http(
+    s3: S3Store,
+) -> None:
     key = content_key(PNG, "uploads", "png")
+    url, fields = s3.presigned_post(key, "image/png", len(PNG))
     async with httpx.AsyncClient() as client:
-        put = await client.put(s3.upload_url(key), content=PNG)
-        assert put.status_code == 200
+        posted = await client.post(url, data=fields, files={"file": ("x.png", PNG, "image/png")})
+        assert posted.status_code == 204, posted.text
         got = await client.get(s3.download_url(key))
     assert got.status_code == 200 and got.content == PNG
+    assert got.headers["content-type"] == "image/png"
+
+
+def test_s3_post_policy_binds_the_key_content_type_size_and_expiry(s3: S3Store) -> None:
+    """The conditions S3 and MinIO enforce on the POST (moto's server stores whatever is
+    posted, so they are read from the signed policy here; uploads are checked again when
+    used)."""
+    key = content_key(PNG, "uploads", "png")
+    expires = int(time.time()) + 300
+    _, fields = s3.presigned_post(key, "image/png", 1234, expires)
+    assert (fields["key"], fields["Content-Type"]) == (key, "image/png")
+    policy = json.loads(base64.b64decode(fields["policy"]))
+    conditions = policy["conditions"]
+    assert ["eq", "$key", key] in conditions
+    assert ["eq", "$Content-Type", "image/png"] in conditions
+    assert ["content-length-range", 1, 1234] in conditions
+    signed_expiry = datetime.fromisoformat(policy["expiration"].replace("Z", "+00:00"))
+    assert int(signed_expiry.timestamp()) == expires
+
+
+async def test_s3_size_and_delete_and_deleting_a_missing_object_is_fine(s3: S3Store) -> None:
+    key = content_key(PNG, "images", "png")
+    await s3.put(key, PNG, "image/png")
+    assert await s3.size(key) == len(PNG)
+    await s3.delete(key)
+    assert not await s3.exists(key)
+    await s3.delete(key)
+    with pytest.raises(NotFound):
+        await s3.size(key)
 
 
 async def test_s3_rejects_keys_outside_the_key_pattern(s3: S3Store) -> None:
@@ -90,6 +125,19 @@ async def test_local_put_get_exists_round_trip(local: LocalStore) -> None:
         await local.get("images/00/missing.png")
 
 
+async def test_local_size_and_delete_and_deleting_a_missing_object_is_fine(
+    local: LocalStore,
+) -> None:
+    key = content_key(PNG, "images", "png")
+    await local.put(key, PNG, "image/png")
+    assert await local.size(key) == len(PNG)
+    await local.delete(key)
+    assert not await local.exists(key)
+    await local.delete(key)
+    with pytest.raises(NotFound):
+        await local.size(key)
+
+
 def test_local_signed_urls_verify_only_for_their_method_key_and_lifetime(
     local: LocalStore,
 ) -> None:
@@ -103,3 +151,32 @@ def test_local_signed_urls_verify_only_for_their_method_key_and_lifetime(
     assert not local.verify(
         "GET", "images/ab/x.png", str(past), local.signature("GET", "images/ab/x.png", past)
     )
+
+
+def test_local_put_urls_verify_only_for_their_key_type_size_and_lifetime(
+    local: LocalStore,
+) -> None:
+    key = "uploads/tenant-a/ab/x.png"
+    url = httpx.URL(local.put_url(key, "image/png", 100, int(time.time()) + 60))
+    assert url.path == f"/files/{key}"
+    signed = {name: url.params[name] for name in ("expires", "ct", "max", "signature")}
+    assert signed["ct"] == "image/png" and signed["max"] == "100"
+
+    def verify(**changes: str) -> bool:
+        params = {**signed, "key": key, **changes}
+        return local.verify_put(
+            params["key"], params["expires"], params["ct"], params["max"], params["signature"]
+        )
+
+    assert verify()
+    assert not verify(key="uploads/tenant-b/ab/x.png")
+    assert not verify(ct="image/jpeg")
+    assert not verify(max="101")
+    assert not verify(expires=str(int(signed["expires"]) + 1))
+    assert not verify(max="²", signature="é")
+    # A bound PUT signature is no GET signature, and no unbound PUT is ever accepted.
+    assert not local.verify("GET", key, signed["expires"], signed["signature"])
+    assert not local.verify("PUT", key, signed["expires"], signed["signature"])
+    past = int(time.time()) - 1
+    expired = local.signature("PUT", key, past, "image/png", 100)
+    assert not local.verify_put(key, str(past), "image/png", "100", expired)

@@ -35,7 +35,7 @@ from imagegen.v1 import (
 from PIL import Image
 
 from services.common.objectstore import LocalStore, open_store
-from services.common.queue import STREAM
+from services.common.queue import JobQueue
 from services.common.settings import ROOT, GatewaySettings
 from tests.conftest import Mesh, ServiceEnv, start_in_process
 from tests.helpers import run_to_end
@@ -83,7 +83,7 @@ async def mesh(env: ServiceEnv) -> AsyncIterator[Mesh]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def http(mesh: Mesh) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=WAIT) as client:
         yield client
 
 
@@ -129,7 +129,7 @@ async def test_a_refused_prompt_is_named_by_category_and_field_and_never_queued_
 ) -> None:
     redis = aioredis.from_url(env.redis_url)
     try:
-        queued_before = await redis.xlen(STREAM)
+        queued_before = await JobQueue(redis).backlog()
         prompt = f"a n.u.d.e figure by a lake {uuid.uuid4().hex[:6]}"
         response = await http.post(
             "/api/generate/text-to-image",
@@ -141,7 +141,7 @@ async def test_a_refused_prompt_is_named_by_category_and_field_and_never_queued_
         assert error["policy_violation"] == {"category": "sexual", "field": "prompt"}
         assert error["field_violations"][0]["field"] == "prompt"
         assert "nude" not in response.text and "n.u.d.e" not in response.text
-        assert await redis.xlen(STREAM) == queued_before  # never queued
+        assert await JobQueue(redis).backlog() == queued_before  # never queued
     finally:
         await redis.aclose()
     assert await job_rows(env, prompt) == 0  # no record, so nothing charged
@@ -313,7 +313,7 @@ async def test_a_flagged_image_is_never_stored_and_the_job_says_why(
     stored = sorted(p.name for p in (tmp_path / "objects").rglob("*.png"))
     assert stored == [Path(by_variant[kept].key).name]
     # Counted per concept.
-    async with httpx.AsyncClient(base_url=mesh.http_url) as http:
+    async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth) as http:
         counts = (await http.get("/api/admin/safety")).json()["counts"]
     assert {"kind": "image", "category": CONCEPT} | {"count": 2} in [
         {k: c[k] for k in ("kind", "category", "count")} for c in counts

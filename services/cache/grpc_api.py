@@ -31,7 +31,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
 
     async def Lookup(self, request: pb.LookupRequest, context: Context) -> pb.LookupResponse:
         spec = self._spec(request, seed_required=not request.seed_agnostic)
-        key, entry = await self._cache.lookup(spec, request.seed_agnostic)
+        key, entry = await self._cache.lookup(spec, request.seed_agnostic, request.namespace)
         if entry is None:
             return pb.LookupResponse(hit=False, key=key)
         return pb.LookupResponse(hit=True, key=key, entry=entry_to_pb(entry))
@@ -43,7 +43,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         if not request.artifacts:
             raise InvalidArgument.one("artifacts", "must not be empty")
         artifacts = [artifact_from_pb(a, request.job_id) for a in request.artifacts]
-        entry = await self._cache.store(spec, request.job_id, artifacts, request.ttl_seconds)
+        entry = await self._cache.store(
+            spec, request.job_id, artifacts, request.ttl_seconds, request.namespace
+        )
         return pb.StoreResponse(entry=entry_to_pb(entry))
 
     async def Invalidate(

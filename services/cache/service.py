@@ -13,7 +13,7 @@ from services.common import db
 from services.common.health import monitor, postgres_check, redis_check
 from services.common.models import load_registry
 from services.common.redis import connect_redis
-from services.common.server import Service, Servicer, check_free, start_server
+from services.common.server import Service, Servicer, check_free, check_secrets, start_server
 from services.common.settings import CacheSettings
 
 SERVICE_NAME = cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
@@ -21,6 +21,7 @@ SERVICE_NAME = cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].ful
 
 async def start(settings: CacheSettings) -> Service:
     check_free(settings.listen_addr)
+    check_secrets(settings)
     pool = await db.connect(settings.database_url)
     redis = connect_redis(settings.redis_url)
     registry = load_registry(settings.model_registry, settings.model_dir)

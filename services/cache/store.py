@@ -73,12 +73,15 @@ class PromptCache:
         self._registry = registry
         self._ttl = ttl_seconds
 
-    def keys(self, spec: Spec) -> tuple[str, str]:
-        return cache_keys(spec, self._registry.get(spec.model))
+    def keys(self, spec: Spec, namespace: str = "") -> tuple[str, str]:
+        return cache_keys(spec, self._registry.get(spec.model), namespace)
 
-    async def lookup(self, spec: Spec, seed_agnostic: bool) -> tuple[str, CacheEntry | None]:
-        """(seed-aware key of the request, the live entry found or None)."""
-        key, seedless = self.keys(spec)
+    async def lookup(
+        self, spec: Spec, seed_agnostic: bool, namespace: str = ""
+    ) -> tuple[str, CacheEntry | None]:
+        """(seed-aware key of the request, the live entry found or None) in `namespace` (a
+        tenant's cache, or "" the shared one): the namespace is part of the key."""
+        key, seedless = self.keys(spec, namespace)
         entry = await self._find(seedless if seed_agnostic else key, seed_agnostic)
         if entry is None:
             await self._redis.incr(_MISSES)
@@ -121,9 +124,14 @@ class PromptCache:
             await pipe.execute()
 
     async def store(
-        self, spec: Spec, job_id: str, artifacts: list[ArtifactRecord], ttl_seconds: int = 0
+        self,
+        spec: Spec,
+        job_id: str,
+        artifacts: list[ArtifactRecord],
+        ttl_seconds: int = 0,
+        namespace: str = "",
     ) -> CacheEntry:
-        key, seedless = self.keys(spec)
+        key, seedless = self.keys(spec, namespace)
         assert spec.seed is not None
         ttl = ttl_seconds if ttl_seconds > 0 else self._ttl
         now = datetime.now(UTC)
@@ -131,7 +139,8 @@ class PromptCache:
             key, seedless, job_id, spec.seed, artifacts, now, now + timedelta(seconds=ttl)
         )
         row = await self._pool.fetchrow(
-            f"INSERT INTO cache_entries ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, 0, $6, $7)"
+            f"INSERT INTO cache_entries ({_COLUMNS}, namespace)"
+            " VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8)"
             " ON CONFLICT (key) DO UPDATE SET job_id = EXCLUDED.job_id,"
             " artifacts = EXCLUDED.artifacts, created_at = EXCLUDED.created_at,"
             f" expires_at = EXCLUDED.expires_at RETURNING {_COLUMNS}",
@@ -142,6 +151,7 @@ class PromptCache:
             entry.artifacts_json(),
             entry.created_at,
             entry.expires_at,
+            namespace,
         )
         stored = _entry(row)
         await self._warm(stored)

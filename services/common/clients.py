@@ -6,7 +6,7 @@ import json
 
 import grpc
 
-from services.common.interceptors import RequestIdClientInterceptor
+from services.common.interceptors import request_id_interceptors
 
 _STREAMING_METHODS = [{"service": "imagegen.v1.GeneratorService", "method": "Generate"}]
 
@@ -40,5 +40,5 @@ def open_channel(addr: str, timeout_seconds: float, max_message_bytes: int) -> g
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
         ],
-        interceptors=[RequestIdClientInterceptor()],
+        interceptors=request_id_interceptors(),
     )

@@ -85,6 +85,13 @@ class NotFound(ServiceError):
     http_status = 404
 
 
+class Unauthenticated(ServiceError):
+    """No API key, or one that is malformed, unknown or revoked (one answer for all)."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
 class Forbidden(ServiceError):
     grpc_code = grpc.StatusCode.PERMISSION_DENIED
     http_status = 403
@@ -103,6 +110,15 @@ class PayloadTooLarge(InvalidArgument):
     def __init__(self, field: str, limit_bytes: int) -> None:
         super().__init__([FieldViolation(field, f"at most {limit_bytes} bytes")])
         self.limit_bytes = limit_bytes
+
+
+class DisallowedHost(InvalidArgument):
+    """An HTTP request for a host name this server does not answer to (DNS rebinding)."""
+
+    http_status = 400
+
+    def __init__(self) -> None:
+        super().__init__([FieldViolation("Host", "this server does not answer to that host name")])
 
 
 class Conflict(ServiceError):
@@ -140,29 +156,46 @@ class Cancelled(ServiceError):
 
 
 class QuotaExceeded(ServiceError):
+    """A limit refused the request: `subject` names it (`key:<id>/rate`, `tenant:<name>/budget`).
+    A limit that frees up with time says when (`retry_after_seconds`); a rate limit also says
+    its size (`limit` requests a `window_seconds`) for the RateLimit headers."""
+
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
 
-    def __init__(self, subject: str, description: str) -> None:
+    def __init__(
+        self,
+        subject: str,
+        description: str,
+        retry_after_seconds: int | None = None,
+        limit: int | None = None,
+        window_seconds: int = 60,
+    ) -> None:
         super().__init__(description)
         self.subject = subject
+        self.retry_after_seconds = retry_after_seconds
+        self.limit = limit
+        self.window_seconds = window_seconds
 
     def details(self) -> list[Any]:
-        return [
-            error_details_pb2.QuotaFailure(
-                violations=[
-                    error_details_pb2.QuotaFailure.Violation(
-                        subject=self.subject, description=self.message
-                    )
-                ]
-            )
-        ]
+        failure = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject=self.subject, description=self.message
+                )
+            ]
+        )
+        if self.retry_after_seconds is None:
+            return [failure]
+        delay = duration_pb2.Duration(seconds=self.retry_after_seconds)
+        return [failure, error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
 _BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
     cls.grpc_code: cls
     for cls in (
         NotFound,
+        Unauthenticated,
         Forbidden,
         FailedPrecondition,
         Conflict,
@@ -194,6 +227,8 @@ def to_http_body(error: ServiceError) -> dict[str, Any]:
         body["field_violations"] = [
             {"field": v.field, "description": v.description} for v in error.violations
         ]
+    if isinstance(error, QuotaExceeded):
+        body["quota_violation"] = {"subject": error.subject}
     if isinstance(error, PolicyRefused):
         body["policy_violation"] = {"category": error.category, "field": error.field}
     return {"error": body}

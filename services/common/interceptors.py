@@ -96,22 +96,50 @@ def _wrap_stream(method: str, behaviour: Any) -> Any:
     return wrapped
 
 
-class RequestIdClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-):
-    """Carries the current request id to the services this one calls."""
+ClientInterceptor = grpc.aio.UnaryUnaryClientInterceptor | grpc.aio.UnaryStreamClientInterceptor
 
-    def _with_id(self, details: Any) -> Any:
-        current = request_id.get()
-        if not current:
-            return details
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        metadata.add(REQUEST_ID_HEADER, current)
-        return details._replace(metadata=metadata)
+
+class _UnaryUnaryMetadata(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, header: Callable[[], tuple[str, str] | None]) -> None:
+        self._header = header
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_id(details), request)
+        return await continuation(_with_header(details, self._header()), request)
+
+
+class _UnaryStreamMetadata(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, header: Callable[[], tuple[str, str] | None]) -> None:
+        self._header = header
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_id(details), request)
+        return await continuation(_with_header(details, self._header()), request)
+
+
+def _with_header(details: Any, header: tuple[str, str] | None) -> Any:
+    if header is None:
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(*header)
+    return details._replace(metadata=metadata)
+
+
+def _metadata_interceptors(header: Callable[[], tuple[str, str] | None]) -> list[ClientInterceptor]:
+    """One interceptor per call kind: a grpc.aio channel files an interceptor under the first
+    kind it is an instance of, so one object serving both would never see server streams."""
+    return [_UnaryUnaryMetadata(header), _UnaryStreamMetadata(header)]
+
+
+def request_id_interceptors() -> list[ClientInterceptor]:
+    """Carry the current request id to the services this one calls."""
+
+    def header() -> tuple[str, str] | None:
+        current = request_id.get()
+        return (REQUEST_ID_HEADER, current) if current else None
+
+    return _metadata_interceptors(header)
+
+
+def bearer_interceptors(key: str) -> list[ClientInterceptor]:
+    """Send an API key with every call (`authorization: Bearer <key>`): for clients of the
+    gateway's public API."""
+    return _metadata_interceptors(lambda: ("authorization", f"Bearer {key}"))

@@ -1,8 +1,10 @@
 """Object storage: content-addressed keys, two backends behind one interface.
 
 `LocalStore` keeps objects in a folder and hands out HMAC-signed expiring URLs that the gateway
-serves; `S3Store` uses MinIO/S3 through `minio` with presigned URLs. `open_store` picks one from
-the settings, so nothing else knows which is in use.
+serves: GET URLs to read, and PUT URLs bound to one content type and a byte limit. `S3Store` uses
+MinIO/S3 through `minio`: presigned GET URLs to read, presigned POST policies (key, content type
+and a length range the store enforces) to write. `open_store` picks one from the settings, so
+nothing else knows which is in use.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import io
 import os
 import re
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlencode
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.settings import CommonSettings
@@ -23,6 +27,7 @@ from services.common.settings import CommonSettings
 URL_STEP_SECONDS = 60
 _MAX_SIGNED_URLS = 10_000
 KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9/_.-]{0,254}$")
+_NUMBER = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit would pass '²' to int()
 
 
 def content_key(data: bytes, prefix: str, extension: str) -> str:
@@ -41,8 +46,15 @@ class ObjectStore(Protocol):
     async def put(self, key: str, data: bytes, content_type: str) -> None: ...
     async def get(self, key: str) -> bytes: ...
     async def exists(self, key: str) -> bool: ...
+    async def size(self, key: str) -> int:
+        """The object's length in bytes; NotFound when there is none."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Removes the object; one that is not there is not an error."""
+        ...
+
     def download_url(self, key: str) -> str: ...
-    def upload_url(self, key: str) -> str: ...
 
 
 class LocalStore:
@@ -80,8 +92,32 @@ class LocalStore:
     async def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def signature(self, method: str, key: str, expires: int) -> str:
-        message = f"{method}\n{key}\n{expires}".encode()
+    async def size(self, key: str) -> int:
+        path = self._path(key)
+        try:
+            return (await asyncio.to_thread(path.stat)).st_size
+        except FileNotFoundError:
+            raise NotFound(f"object {key} not found") from None
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
+
+    def signature(
+        self,
+        method: str,
+        key: str,
+        expires: int,
+        content_type: str | None = None,
+        max_bytes: int | None = None,
+    ) -> str:
+        """HMAC of what a URL allows: the method, key and expiry, and for a bound PUT the
+        content type and byte limit too, so that none of them can be changed."""
+        parts = [method, key, str(expires)]
+        if content_type is not None or max_bytes is not None:
+            parts += [content_type or "", str(max_bytes or 0)]
+        if any("\n" in part for part in parts):
+            raise ValueError("a signed URL's parts cannot hold a line break")
+        message = "\n".join(parts).encode()
         return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()
 
     def _signed(self, method: str, key: str) -> str:
@@ -103,22 +139,46 @@ class LocalStore:
     def download_url(self, key: str) -> str:
         return self._signed("GET", key)
 
-    def upload_url(self, key: str) -> str:
-        return self._signed("PUT", key)
+    def put_url(self, key: str, content_type: str, max_bytes: int, expires: int) -> str:
+        """A URL for one PUT of at most `max_bytes` bytes of `content_type` to `key` before
+        `expires` (unix seconds); the gateway's PUT route checks it with `verify_put`."""
+        query = urlencode(
+            {
+                "expires": expires,
+                "ct": content_type,
+                "max": max_bytes,
+                "signature": self.signature("PUT", key, expires, content_type, max_bytes),
+            }
+        )
+        return f"{self._base_url}/files/{check_key(key)}?{query}"
 
     def verify(self, method: str, key: str, expires: str, signature: str) -> bool:
-        """True when a URL's signature is right and it has not expired."""
-        if not expires.isdigit() or int(expires) < time.time():
+        """True when a URL's signature is right and it has not expired. Only reads: a PUT URL
+        is bound to a content type and a size, and is checked with `verify_put`."""
+        if method == "PUT" or not self._fresh(expires) or not signature.isascii():
             return False
         return hmac.compare_digest(self.signature(method, key, int(expires)), signature)
+
+    def verify_put(
+        self, key: str, expires: str, content_type: str, max_bytes: str, signature: str
+    ) -> bool:
+        """True when a PUT URL's signature covers this key, expiry, content type and limit, and
+        it has not expired."""
+        well_formed = _NUMBER.fullmatch(max_bytes) and signature.isascii()
+        if not well_formed or "\n" in content_type or not self._fresh(expires):
+            return False
+        expected = self.signature("PUT", key, int(expires), content_type, int(max_bytes))
+        return hmac.compare_digest(expected, signature)
+
+    @staticmethod
+    def _fresh(expires: str) -> bool:
+        return _NUMBER.fullmatch(expires) is not None and int(expires) >= time.time()
 
 
 class S3Store:
     """MinIO/S3 through `minio` (a blocking client, so calls run in a thread)."""
 
     def __init__(self, settings: CommonSettings) -> None:
-        from datetime import timedelta
-
         from minio import Minio
 
         self._client = Minio(
@@ -130,6 +190,8 @@ class S3Store:
         )
         self._bucket = settings.s3_bucket
         self._ttl = timedelta(seconds=settings.url_ttl_seconds)
+        scheme = "https" if settings.s3_secure else "http"
+        self._bucket_url = f"{scheme}://{settings.s3_endpoint}/{self._bucket}"
         if not self._client.bucket_exists(self._bucket):
             self._client.make_bucket(self._bucket)
 
@@ -172,13 +234,48 @@ class S3Store:
             raise
         return True
 
+    async def size(self, key: str) -> int:
+        from minio.error import S3Error
+
+        try:
+            stat = await asyncio.to_thread(self._client.stat_object, self._bucket, check_key(key))
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                raise NotFound(f"object {key} not found") from None
+            raise
+        return int(stat.size or 0)
+
+    async def delete(self, key: str) -> None:
+        from minio.error import S3Error
+
+        try:
+            await asyncio.to_thread(self._client.remove_object, self._bucket, check_key(key))
+        except S3Error as error:
+            if error.code not in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                raise
+
     def download_url(self, key: str) -> str:
         url: str = self._client.presigned_get_object(self._bucket, check_key(key), self._ttl)
         return url
 
-    def upload_url(self, key: str) -> str:
-        url: str = self._client.presigned_put_object(self._bucket, check_key(key), self._ttl)
-        return url
+    def presigned_post(
+        self, key: str, content_type: str, max_bytes: int, expires: int | None = None
+    ) -> tuple[str, dict[str, str]]:
+        """The URL and form fields of a browser-style POST upload to `key` that the store itself
+        holds to this key, this Content-Type and 1..`max_bytes` bytes, until `expires` (unix
+        seconds; default the URL lifetime). The client sends the fields, then the file."""
+        from minio.datatypes import PostPolicy
+
+        if expires is None:
+            expiration = datetime.now(UTC) + self._ttl
+        else:
+            expiration = datetime.fromtimestamp(expires, UTC)
+        policy = PostPolicy(self._bucket, expiration)
+        policy.add_equals_condition("key", check_key(key))
+        policy.add_equals_condition("Content-Type", content_type)
+        policy.add_content_length_range_condition(1, max_bytes)
+        signed: dict[str, str] = self._client.presigned_post_policy(policy)
+        return self._bucket_url, {"key": key, "Content-Type": content_type, **signed}
 
 
 def open_store(settings: CommonSettings) -> LocalStore | S3Store:

@@ -22,6 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from services.common.interceptors import ErrorInterceptor
+from services.common.settings import CommonSettings
 
 log = logging.getLogger("imagegen.server")
 
@@ -42,6 +43,15 @@ class StartupRefused(RuntimeError):
 
 class PortInUse(StartupRefused):
     """The service's address is taken: it refuses to start rather than share it."""
+
+
+def check_secrets(settings: CommonSettings) -> None:
+    """StartupRefused when the settings hold a placeholder secret (outside the embedded
+    default): called first thing by every service's start."""
+    try:
+        settings.check_secrets()
+    except ValueError as error:
+        raise StartupRefused(str(error)) from None
 
 
 def check_free(addr: str) -> None:
@@ -91,16 +101,21 @@ class RunningServer:
 
 
 async def start_server(
-    addr: str, servicers: Sequence[Servicer], max_message_bytes: int, serving: bool = True
+    addr: str,
+    servicers: Sequence[Servicer],
+    max_message_bytes: int,
+    serving: bool = True,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
     """Starts a server on `addr` (port 0 picks a free one); health starts NOT_SERVING unless
-    `serving`, so a service can load its models before it takes traffic."""
+    `serving`, so a service can load its models before it takes traffic. `interceptors` run
+    inside the error interceptor (their errors get the status table too)."""
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors], options=options)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for servicer in servicers:

@@ -22,6 +22,9 @@ class CommonSettings(BaseSettings):
 
     data_dir: Path = Path(".data")
     log_level: str = "INFO"
+    # Set by `make run` (services.mesh) and the tests: the embedded default on one machine. Out
+    # of it a service refuses to start with a placeholder URL signing key.
+    embedded: bool = False
 
     database_url: str = ""
     redis_url: str = ""
@@ -62,6 +65,21 @@ class CommonSettings(BaseSettings):
     def objects_root(self) -> Path:
         return self.objects_dir or self.data_dir / "objects"
 
+    def check_secrets(self) -> None:
+        """Raises ValueError naming the setting when, outside the embedded default, the URL
+        signing key is a placeholder (CHANGE_ME and the like) or too short to be a secret."""
+        if self.embedded:
+            return
+        key = self.url_signing_key.strip()
+        if not key:
+            return  # made once and kept in data_dir (signing_key)
+        placeholder = key.lower().replace("-", "_") in {"change_me", "changeme", "secret", "x"}
+        if placeholder or "change_me" in key.lower() or len(key) < 16:
+            raise ValueError(
+                "URL_SIGNING_KEY is a placeholder or shorter than 16 characters: set a random"
+                " secret (e.g. `openssl rand -hex 32`)"
+            )
+
     def signing_key(self) -> bytes:
         """The HMAC key for local-folder URLs: configured, or made once and kept in data_dir."""
         if self.url_signing_key:
@@ -79,6 +97,23 @@ class GatewaySettings(CommonSettings):
     listen_addr: str = "127.0.0.1:50051"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # Host headers the HTTP facade answers (DNS rebinding), comma-separated; the host of
+    # PUBLIC_BASE_URL, localhost, 127.0.0.1 and [::1] always are. "*" allows any.
+    allowed_hosts: str = ""
+    # Origins allowed to make cross-site requests, comma-separated; a request from the page's
+    # own origin (PUBLIC_BASE_URL, or the Host it was sent to) always is.
+    allowed_origins: str = ""
+    # One prompt cache for every tenant (a tenant can then learn what others generated).
+    shared_cache: bool = False
+    # Webhooks to private, loopback and link-local addresses (off: SSRF protection).
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    # Retention: what the periodic cleanup (and `python -m services.gateway cleanup`) removes.
+    artifact_retention_days: float = Field(default=30.0, gt=0)
+    upload_retention_days: float = Field(default=7.0, gt=0)
+    dead_letter_retention_days: float = Field(default=14.0, gt=0)
+    cleanup_interval_seconds: float = Field(default=3600.0, gt=0)
 
 
 class CacheSettings(CommonSettings):

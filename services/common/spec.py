@@ -151,9 +151,10 @@ def fibo_caption(fibo: dict[str, Any]) -> str:
     return ". ".join(sentences) + "." if sentences else fibo_prompt_text(fibo)
 
 
-def cache_keys(spec: Spec, model: ModelSpec) -> tuple[str, str]:
+def cache_keys(spec: Spec, model: ModelSpec, namespace: str = "") -> tuple[str, str]:
     """(seed-aware key, seed-agnostic key) of a resolved spec: SHA-256 over everything that
-    changes the pixels, the engine and model versions included."""
+    changes the pixels, the engine and model versions included, and the cache's namespace (a
+    tenant's own cache; "" the shared one)."""
     material: dict[str, Any] = {
         "engine": ENGINE_VERSION,
         "model": model.id,
@@ -172,6 +173,8 @@ def cache_keys(spec: Spec, model: ModelSpec) -> tuple[str, str]:
     }
     if spec.strength is not None:  # absent otherwise, so that keys made before it stay valid
         material["strength"] = spec.strength
+    if namespace:  # likewise: the shared cache keeps the keys it always had
+        material["namespace"] = namespace
 
     def digest(extra: dict[str, Any]) -> str:
         blob = json.dumps({**material, **extra}, sort_keys=True, separators=(",", ":"))

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING
 from imagegen.v1 import evaluator_service_pb2, evaluator_service_pb2_grpc
 
 from services.common.objectstore import open_store
-from services.common.server import Service, Servicer, StartupRefused, check_free, start_server
+from services.common.server import (
+    Service,
+    Servicer,
+    StartupRefused,
+    check_free,
+    check_secrets,
+    start_server,
+)
 from services.common.settings import EvaluatorSettings
 from services.common.torch_compat import prepare_torch, set_torch_threads
 from services.safety.policy import PolicyError, SafetyPolicy, load_policy
@@ -30,6 +37,7 @@ async def start(settings: EvaluatorSettings) -> Service:
     """The running evaluator; StartupRefused (one line naming the file or setting) when the
     port is taken, the policy is wrong, or a model file is missing."""
     check_free(settings.listen_addr)
+    check_secrets(settings)
     try:
         policy = load_policy(settings.safety_policy)
     except PolicyError as error:

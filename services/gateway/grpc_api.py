@@ -24,9 +24,10 @@ from services.common.convert import (
     with_urls,
 )
 from services.common.errors import InvalidArgument
+from services.gateway.auth import current_caller
 from services.gateway.cost import Cost
-from services.gateway.jobs import JobService
-from services.jobs.records import CacheMode, JobRecord
+from services.gateway.jobs import JobService, Options
+from services.jobs.records import CacheMode, JobRecord, Priority
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -36,6 +37,21 @@ CACHE_MODES: dict[image_service_pb2.CacheMode.ValueType, CacheMode | None] = {
     image_service_pb2.CACHE_MODE_REFRESH: CacheMode.REFRESH,
     image_service_pb2.CACHE_MODE_OFF: CacheMode.OFF,
 }
+
+
+PRIORITIES: dict[image_service_pb2.Priority.ValueType, Priority] = {
+    image_service_pb2.PRIORITY_UNSPECIFIED: Priority.NORMAL,
+    image_service_pb2.PRIORITY_HIGH: Priority.HIGH,
+    image_service_pb2.PRIORITY_NORMAL: Priority.NORMAL,
+    image_service_pb2.PRIORITY_LOW: Priority.LOW,
+}
+
+
+def priority_from_pb(value: image_service_pb2.Priority.ValueType) -> Priority:
+    if value not in PRIORITIES:
+        names = [image_service_pb2.Priority.Name(v) for v in PRIORITIES if v]
+        raise InvalidArgument.one("priority", f"one of {', '.join(names)}")
+    return PRIORITIES[value]
 
 
 def cache_mode_from_pb(value: image_service_pb2.CacheMode.ValueType) -> CacheMode | None:
@@ -67,14 +83,25 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     async def CreateJob(
         self, request: image_service_pb2.CreateJobRequest, context: Context
     ) -> image_service_pb2.CreateJobResponse:
+        caller = current_caller()
         try:
-            admission = await self._jobs.create(
-                spec_from_pb(request.spec),
-                request.idempotency_key,
-                request.seed_agnostic_cache,
-                request.skip_cache,
-                cache_mode_from_pb(request.cache),
+            webhook = None
+            if request.HasField("webhook"):
+                webhook = self._jobs.check_webhook(
+                    request.webhook.url, list(request.webhook.events), "webhook"
+                )
+            options = Options(
+                idempotency_key=request.idempotency_key,
+                seed_agnostic_cache=request.seed_agnostic_cache,
+                skip_cache=request.skip_cache,
+                cache=cache_mode_from_pb(request.cache),
+                priority=priority_from_pb(request.priority),
+                max_cost_cents=(
+                    request.max_cost_cents if request.HasField("max_cost_cents") else None
+                ),
+                webhook=webhook,
             )
+            admission = await self._jobs.create(caller, spec_from_pb(request.spec), options)
         except InvalidArgument as error:
             raise with_pb_fields(error) from None
         return image_service_pb2.CreateJobResponse(
@@ -84,27 +111,30 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     async def GetJob(
         self, request: image_service_pb2.GetJobRequest, context: Context
     ) -> image_service_pb2.GetJobResponse:
-        job = await self._jobs.get(request.job_id)
+        job = await self._jobs.get(current_caller(), request.job_id)
         return image_service_pb2.GetJobResponse(job=self._signed(job))
 
     async def WatchJob(
         self, request: image_service_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[image_service_pb2.WatchJobResponse]:
-        async for event in self._jobs.watch(request.job_id, request.after_event_id):
+        watched = self._jobs.watch(current_caller(), request.job_id, request.after_event_id)
+        async for event in watched:
             with_urls(event, self._jobs.objects.download_url)
             yield image_service_pb2.WatchJobResponse(event=event)
 
     async def CancelJob(
         self, request: image_service_pb2.CancelJobRequest, context: Context
     ) -> image_service_pb2.CancelJobResponse:
-        job = await self._jobs.cancel(request.job_id)
+        job = await self._jobs.cancel(current_caller(), request.job_id)
         return image_service_pb2.CancelJobResponse(job=self._signed(job))
 
     async def ListJobs(
         self, request: image_service_pb2.ListJobsRequest, context: Context
     ) -> image_service_pb2.ListJobsResponse:
         status = STATUS_FROM_PB.get(request.status, "")
-        jobs, token = await self._jobs.list(request.page_size, request.page_token, status)
+        jobs, token = await self._jobs.list(
+            current_caller(), request.page_size, request.page_token, status
+        )
         return image_service_pb2.ListJobsResponse(
             jobs=[self._signed(j) for j in jobs], next_page_token=token
         )
@@ -113,7 +143,11 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         self, request: image_service_pb2.EvaluateImagesRequest, context: Context
     ) -> image_service_pb2.EvaluateImagesResponse:
         result = await self._jobs.evaluate_images(
-            request.prompt, list(request.image_keys), list(request.images), request.reference_key
+            current_caller(),
+            request.prompt,
+            list(request.image_keys),
+            list(request.images),
+            request.reference_key,
         )
         return image_service_pb2.EvaluateImagesResponse(
             evaluations=[evaluation_to_pb(s) for s in result.scores],

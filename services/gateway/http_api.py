@@ -33,6 +33,12 @@ from services.common.convert import (
 from services.common.errors import FieldViolation, Forbidden, InvalidArgument, NotFound
 from services.common.objectstore import LocalStore
 from services.common.spec import ControlNet, GuidanceImage, Spec, json_path
+from services.gateway.auth import (
+    Authenticator,
+    HostOriginGuard,
+    authorized,
+    caller_of,
+)
 from services.gateway.cost import Cost
 from services.gateway.http_input import (
     MAX_JSON_BYTES,
@@ -47,10 +53,10 @@ from services.gateway.http_input import (
     read_body,
     resume_after,
 )
-from services.gateway.jobs import JobService
+from services.gateway.jobs import JobService, Options
 from services.gateway.openapi import OPENAPI
-from services.gateway.uploads import MAX_UPLOAD_BYTES, check_upload, presign
-from services.jobs.records import CacheMode, JobRecord
+from services.jobs.records import CacheMode, JobRecord, Priority, Webhook
+from services.tenants.keys import Scope
 
 STATIC = Path(__file__).parent / "static"
 # POST /api/evaluate carries images inline (base64): room for several.
@@ -105,6 +111,37 @@ def cache_mode_from_json(body: dict[str, Any]) -> CacheMode | None:
     if value not in CacheMode.__members__.values():
         raise InvalidArgument.one("cache", f"one of {', '.join(m.value for m in CacheMode)}")
     return CacheMode(value)
+
+
+def options_from_json(jobs: JobService, body: dict[str, Any], idempotency_key: str) -> Options:
+    """How to run the job: cache mode, lane, cost ceiling and webhook, from the body."""
+    fields = JsonObject(body)
+    priority = fields.get("priority", str, None)
+    max_cost = fields.get("max_cost_cents", int, None)
+    webhook_url = fields.get("webhook_url", str, None)
+    events = fields.get("webhook_events", list, [])
+    for i, event in enumerate(events):
+        if not isinstance(event, str):
+            fields.bad.append(FieldViolation(json_path("webhook_events", i), "must be a string"))
+    fields.raise_if_bad()
+    if priority is not None and priority not in Priority.__members__.values():
+        raise InvalidArgument.one("priority", f"one of {', '.join(p.value for p in Priority)}")
+    if max_cost is not None and max_cost < 0:
+        raise InvalidArgument.one("max_cost_cents", "must not be negative")
+    webhook: Webhook | None = None
+    if webhook_url is not None:
+        webhook = jobs.check_webhook(webhook_url, events, "webhook")
+    elif events:
+        raise InvalidArgument.one("webhook_events", "give webhook_url with them")
+    return Options(
+        idempotency_key=idempotency_key,
+        seed_agnostic_cache=json_flag(body, "seed_agnostic_cache"),
+        skip_cache=json_flag(body, "skip_cache"),
+        cache=cache_mode_from_json(body),
+        priority=Priority(priority) if priority else Priority.NORMAL,
+        max_cost_cents=max_cost,
+        webhook=webhook,
+    )
 
 
 def artifact_json(a: types_pb2.Artifact) -> dict[str, Any]:
@@ -225,19 +262,20 @@ async def _json_body(request: Request, limit: int = MAX_JSON_BYTES) -> dict[str,
     return await asyncio.to_thread(parse_json_object, data)
 
 
-def build_app(jobs: JobService) -> Starlette:
+def build_app(
+    jobs: JobService,
+    authenticator: Authenticator,
+    hosts: list[str],
+    origins: list[str],
+) -> Starlette:
     def signed(job: JobRecord | types_pb2.Job) -> types_pb2.Job:
         return signed_job(job, jobs.objects.download_url)
 
     async def generate(request: Request) -> Response:
         body = await _json_body(request)
-        admission = await jobs.create(
-            spec_from_json(body),
-            idempotency_key=request.headers.get("idempotency-key", ""),
-            seed_agnostic_cache=json_flag(body, "seed_agnostic_cache"),
-            skip_cache=json_flag(body, "skip_cache"),
-            cache=cache_mode_from_json(body),
-        )
+        spec = spec_from_json(body)
+        options = options_from_json(jobs, body, request.headers.get("idempotency-key", ""))
+        admission = await jobs.create(caller_of(request), spec, options)
         job = signed(admission.job)
         return JSONResponse(
             {
@@ -249,13 +287,13 @@ def build_app(jobs: JobService) -> Starlette:
         )
 
     async def status(request: Request) -> Response:
-        job = await jobs.get(request.path_params["run_id"])
+        job = await jobs.get(caller_of(request), request.path_params["run_id"])
         return JSONResponse(job_json(signed(job)))
 
     async def stream(request: Request) -> Response:
         run_id = request.path_params["run_id"]
         after = resume_after(request)
-        events = jobs.watch(run_id, after)
+        events = jobs.watch(caller_of(request), run_id, after)
         # Errors (unknown job, bad id) become a JSON status here, before the stream starts.
         first = await anext(events, None)
         if first is None:  # resumed after the final event; 204 tells EventSource to stop
@@ -277,13 +315,15 @@ def build_app(jobs: JobService) -> Starlette:
     async def list_jobs(request: Request) -> Response:
         q = request.query_params
         size, page_token = query_count(q, "page_size"), query_text(q, "page_token")
-        found, token = await jobs.list(size, page_token, query_text(q, "status"))
+        found, token = await jobs.list(
+            caller_of(request), size, page_token, query_text(q, "status")
+        )
         return JSONResponse(
             {"jobs": [job_json(signed(j)) for j in found], "next_page_token": token}
         )
 
     async def cancel(request: Request) -> Response:
-        job = await jobs.cancel(request.path_params["run_id"])
+        job = await jobs.cancel(caller_of(request), request.path_params["run_id"])
         return JSONResponse(job_json(signed(job)))
 
     async def estimate(request: Request) -> Response:
@@ -291,7 +331,9 @@ def build_app(jobs: JobService) -> Starlette:
 
     async def cache_lookup(request: Request) -> Response:
         body = await _json_body(request)
-        entry = await jobs.lookup_cache(spec_from_json(body), json_flag(body, "seed_agnostic"))
+        entry = await jobs.lookup_cache(
+            caller_of(request), spec_from_json(body), json_flag(body, "seed_agnostic")
+        )
         if entry is None:
             return JSONResponse({"hit": False})
         return JSONResponse(
@@ -336,20 +378,25 @@ def build_app(jobs: JobService) -> Starlette:
             }
         )
 
-    def _signed_local(request: Request, method: str) -> tuple[LocalStore, str]:
-        store, key, q = jobs.objects, request.path_params["key"], request.query_params
-        if not isinstance(store, LocalStore):
-            raise NotFound("files are served by the object store")
-        expires, signature = q.get("expires", ""), q.get("signature", "")
-        # verify's int() and compare_digest raise on non-ASCII digits and text: refuse them here.
-        well_formed = ascii_digits(expires, 20) and signature.isascii()
-        if not well_formed or not store.verify(method, key, expires, signature):
-            raise Forbidden("the URL's signature is invalid or expired")
-        return store, key
-
     async def files(request: Request) -> Response:
-        store, key = _signed_local(request, "GET")
-        data = await store.get(key)
+        """A file by its signed URL (a capability, as S3's presigned URLs: no key needed, so
+        that <img> tags work), or by key with the API key of the tenant that owns it."""
+        key, q = request.path_params["key"], request.query_params
+        if "signature" in q or "expires" in q:
+            store = jobs.objects
+            if not isinstance(store, LocalStore):
+                raise NotFound("files are served by the object store")
+            expires, signature = q.get("expires", ""), q.get("signature", "")
+            # verify's int() and compare_digest raise on non-ASCII digits and text.
+            well_formed = ascii_digits(expires, 20) and signature.isascii()
+            if not well_formed or not store.verify("GET", key, expires, signature):
+                raise Forbidden("the URL's signature is invalid or expired")
+            data = await store.get(key)
+        else:
+            caller = await authenticator.caller(
+                request.headers.get("authorization", ""), Scope.READ
+            )
+            data = await jobs.read_object(caller, key)
         return Response(
             data,
             media_type="image/png" if key.endswith(".png") else "application/octet-stream",
@@ -362,31 +409,29 @@ def build_app(jobs: JobService) -> Starlette:
         sha256 = fields.get("sha256", str, "")
         size_bytes = fields.get("size_bytes", int, 0)
         fields.raise_if_bad()
-        upload = presign(
-            jobs.objects,
-            content_type=content_type,
-            sha256=sha256,
-            size_bytes=size_bytes,
-            ttl_seconds=jobs.url_ttl_seconds,
-        )
+        upload = await jobs.presign_upload(caller_of(request), content_type, sha256, size_bytes)
         return JSONResponse(
             {
                 "key": upload.key,
+                "method": upload.method,
                 "upload_url": upload.upload_url,
-                "method": "PUT",
-                "headers": {"Content-Type": upload.content_type},
+                "headers": upload.headers,
+                "fields": upload.fields,
+                "max_bytes": upload.max_bytes,
                 "expires_at": upload.expires_at,
             }
         )
 
     async def put_file(request: Request) -> Response:
-        store, key = _signed_local(request, "PUT")
-        if not key.startswith("uploads/"):
-            raise InvalidArgument.one("key", "only uploads are written through this route")
-        data = await read_body(request, MAX_UPLOAD_BYTES)
-        content_type = request.headers.get("content-type", "")
-        await asyncio.to_thread(check_upload, key, data, content_type)
-        await store.put(key, data, content_type)
+        """The local store's presigned upload: authorized by its signature, which binds the
+        key (and so the tenant), the content type and the size."""
+        key = request.path_params["key"]
+        await jobs.uploads.receive_put(
+            key,
+            request.query_params,
+            request.headers.get("content-type", ""),
+            lambda limit: read_body(request, limit),
+        )
         return JSONResponse({"key": key}, status_code=201)
 
     async def evaluate(request: Request) -> Response:
@@ -405,7 +450,7 @@ def build_app(jobs: JobService) -> Starlette:
                 fields.bad.append(problem)
         reference_key = fields.get("reference_key", str, "")
         fields.raise_if_bad()
-        result = await jobs.evaluate_images(prompt, keys, images, reference_key)
+        result = await jobs.evaluate_images(caller_of(request), prompt, keys, images, reference_key)
         return JSONResponse(
             {
                 "evaluations": [
@@ -446,6 +491,16 @@ def build_app(jobs: JobService) -> Starlette:
             }
         )
 
+    async def queue(request: Request) -> Response:
+        depth = await jobs.queue_depth()
+        return JSONResponse(
+            {
+                "backlog": depth.backlog,
+                "claimed": depth.claimed,
+                "waiting_by_tenant": depth.waiting_by_tenant,
+            }
+        )
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(OPENAPI)
 
@@ -455,29 +510,40 @@ def build_app(jobs: JobService) -> Starlette:
     async def index(request: Request) -> Response:
         return Response((STATIC / "index.html").read_bytes(), media_type="text/html")
 
+    def key(scope: Scope, endpoint: Any) -> Any:
+        return authorized(authenticator, scope, endpoint)
+
+    generate_, read, admin = Scope.GENERATE, Scope.READ, Scope.ADMIN
     routes = [
+        # Open: the page (it asks for a key), health, and files by signed URL (the signature
+        # authorizes; without one, /files wants the owner's key).
         Route("/", index),
-        Route("/api/generate/text-to-image", generate, methods=["POST"]),
-        Route("/api/status/stream/{run_id}", stream),
-        Route("/api/status/{run_id}", status),
-        Route("/api/jobs", list_jobs),
-        Route("/api/jobs/{run_id}/cancel", cancel, methods=["POST"]),
-        Route("/api/cost/estimate", estimate, methods=["POST"]),
-        Route("/api/cache/lookup", cache_lookup, methods=["POST"]),
-        Route("/api/models", models),
-        Route("/api/uploads/presign", presign_upload, methods=["POST"]),
-        Route("/api/evaluate", evaluate, methods=["POST"]),
-        Route("/api/admin/safety", safety),
+        Route("/healthz", healthz),
         Route("/files/{key:path}", files, methods=["GET"]),
         Route("/files/{key:path}", put_file, methods=["PUT"]),
-        Route("/openapi.json", openapi),
-        Route("/healthz", healthz),
+        Route("/api/generate/text-to-image", key(generate_, generate), methods=["POST"]),
+        Route("/api/status/stream/{run_id}", key(read, stream)),
+        Route("/api/status/{run_id}", key(read, status)),
+        Route("/api/jobs", key(read, list_jobs)),
+        Route("/api/jobs/{run_id}/cancel", key(generate_, cancel), methods=["POST"]),
+        Route("/api/cost/estimate", key(read, estimate), methods=["POST"]),
+        Route("/api/cache/lookup", key(read, cache_lookup), methods=["POST"]),
+        Route("/api/models", key(read, models)),
+        Route("/api/uploads/presign", key(generate_, presign_upload), methods=["POST"]),
+        Route("/api/evaluate", key(generate_, evaluate), methods=["POST"]),
+        Route("/api/admin/safety", key(admin, safety)),
+        Route("/api/admin/queue", key(admin, queue)),
+        Route("/openapi.json", key(read, openapi)),
     ]
     # Errors of every kind, from every route and from the router itself (unknown route, wrong
-    # method), answer the one JSON error body with the request's id.
+    # method), answer the one JSON error body with the request's id. The Host/Origin guard
+    # runs before any route, open ones included.
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestContext)],
+        middleware=[
+            Middleware(RequestContext),
+            Middleware(HostOriginGuard, hosts=hosts, origins=origins),
+        ],
         exception_handlers={HTTPException: http_exception},
     )
     # A trailing slash is an unknown route (a JSON 404), not a redirect to another route:

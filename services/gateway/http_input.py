@@ -29,7 +29,9 @@ from services.common.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     ServiceError,
+    Unauthenticated,
     Unavailable,
     to_http_body,
 )
@@ -278,9 +280,29 @@ def error_response(error: BaseException) -> JSONResponse:
         error = ServiceError("internal error")
     if isinstance(error, Unavailable):
         headers = {**(headers or {}), "Retry-After": str(error.retry_after_seconds)}
+    if isinstance(error, Unauthenticated):
+        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="imagegen"'}
+    if isinstance(error, QuotaExceeded):
+        headers = {**(headers or {}), **rate_limit_headers(error)}
     body = to_http_body(error)
     body["error"]["request_id"] = request_id.get()
     return JSONResponse(body, status_code=error.http_status, headers=headers)
+
+
+def rate_limit_headers(error: QuotaExceeded) -> dict[str, str]:
+    """Retry-After, and for a rate limit the RateLimit headers (IETF httpapi draft: the
+    policy's size and window, what is left of it now, and when that changes)."""
+    headers = {}
+    if error.retry_after_seconds is not None:
+        headers["Retry-After"] = str(error.retry_after_seconds)
+    if error.limit is not None:
+        reset = error.retry_after_seconds or 0
+        headers["RateLimit-Policy"] = f"{error.limit};w={error.window_seconds}"
+        headers["RateLimit"] = f"limit={error.limit}, remaining=0, reset={reset}"
+        headers["RateLimit-Limit"] = str(error.limit)
+        headers["RateLimit-Remaining"] = "0"
+        headers["RateLimit-Reset"] = str(reset)
+    return headers
 
 
 async def http_exception(request: Request, error: Exception) -> Response:

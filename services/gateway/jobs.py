@@ -21,10 +21,17 @@ from imagegen.v1 import events_pb2, types_pb2
 
 from services.cache.client import CacheClient
 from services.cache.entry import CacheEntry
-from services.common.errors import FieldViolation, InvalidArgument, PolicyRefused, Unavailable
+from services.common.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PolicyRefused,
+    Unavailable,
+)
 from services.common.events import EventLog, check_event_id
 from services.common.models import ModelSpec, Registry
 from services.common.objectstore import ObjectStore
+from services.common.queue import JobQueue
 from services.common.spec import (
     ENGINE_VERSION,
     MAX_PROMPT_CHARS,
@@ -36,16 +43,48 @@ from services.common.spec import (
 from services.evaluator.client import MAX_IMAGES_PER_CALL, Evaluation, EvaluatorClient
 from services.gateway.cost import Cost, estimate
 from services.gateway.hub import EventHub
-from services.gateway.uploads import verify_stored_upload
-from services.jobs.lifecycle import Idempotency, JobLifecycle, SafetyCount
-from services.jobs.records import CacheMode, JobRecord, JobStatus, encode_spec
+from services.gateway.outbound import check_webhook_url
+from services.gateway.uploads import Upload, Uploads, upload_tenant
+from services.jobs.lifecycle import Idempotency, JobLifecycle, Limits, SafetyCount
+from services.jobs.records import (
+    WEBHOOK_EVENTS,
+    CacheMode,
+    JobRecord,
+    JobStatus,
+    Priority,
+    Webhook,
+    encode_spec,
+)
 from services.safety.prompts import PromptModerator, fibo_texts
+from services.tenants.keys import Caller, KeyStore
+from services.tenants.limits import RateLimiter
 
 log = logging.getLogger("imagegen.gateway")
 
 WATCH_IDLE_SECONDS = 5.0
 MAX_PAGE_SIZE = 100
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a job is to be run, beside what it renders."""
+
+    idempotency_key: str = ""
+    seed_agnostic_cache: bool = False
+    skip_cache: bool = False
+    cache: CacheMode | None = None
+    priority: Priority = Priority.NORMAL
+    max_cost_cents: int | None = None
+    # None: the tenant's default webhook.
+    webhook: Webhook | None = None
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    backlog: int  # waiting and claimed-not-done: what generators have to get through
+    claimed: int
+    waiting_by_tenant: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -56,6 +95,8 @@ class Admission:
 
 
 class JobService:
+    """Every method takes the Caller: what it reads or changes is the caller's tenant's."""
+
     def __init__(
         self,
         lifecycle: JobLifecycle,
@@ -66,8 +107,21 @@ class JobService:
         objects: ObjectStore,
         moderator: PromptModerator,
         evaluator: EvaluatorClient,
+        keys: KeyStore,
+        limiter: RateLimiter,
+        uploads: Uploads,
+        queue: JobQueue,
+        *,
         url_ttl_seconds: int = 3600,
+        shared_cache: bool = False,
+        webhook_allow_private: bool = False,
     ) -> None:
+        self._keys = keys
+        self._limiter = limiter
+        self.uploads = uploads
+        self._queue = queue
+        self._shared_cache = shared_cache
+        self._webhook_allow_private = webhook_allow_private
         self._moderator = moderator
         self._evaluator = evaluator
         self._lifecycle = lifecycle
@@ -82,25 +136,33 @@ class JobService:
         resolved = resolve(spec, self._registry)
         return estimate(resolved, self._registry.get(resolved.model))
 
-    async def create(
-        self,
-        spec: Spec,
-        idempotency_key: str = "",
-        seed_agnostic_cache: bool = False,
-        skip_cache: bool = False,
-        cache: CacheMode | None = None,
-    ) -> Admission:
+    async def create(self, caller: Caller, spec: Spec, options: Options | None = None) -> Admission:
         """Prices the request, answers from the cache when it can (`cache` USE, the default),
         else admits a queued job that stores its result unless `cache` is OFF. Admitted means
-        stored in Postgres: the job will run even if Redis is away right now."""
-        mode = cache_mode(cache, skip_cache)
-        idempotency = _idempotency(spec, idempotency_key, seed_agnostic_cache, mode)
+        stored in Postgres: the job will run even if Redis is away right now. The key's rate
+        limit is taken first; its concurrency limit and the tenant's budget are checked as the
+        job is stored; `max_cost_cents` refuses a dearer estimate."""
+        options = options or Options()
+        await self._limiter.take(caller)
+        mode = cache_mode(options.cache, options.skip_cache)
+        idempotency = _idempotency(spec, options, mode)
         resolved = resolve(spec, self._registry)
         await self.moderate(spec)
-        await self._check_uploads(resolved)
+        await self._check_uploads(caller, resolved)
         model = self._registry.get(resolved.model)
         cost = estimate(resolved, model)
-        key, _ = cache_keys(resolved, model)
+        if options.max_cost_cents is not None and cost.total_cents > options.max_cost_cents:
+            raise InvalidArgument.one(
+                "max_cost_cents",
+                f"the estimate is {cost.total_cents} cents,"
+                f" over the {options.max_cost_cents} given",
+            )
+        tenant = await self._keys.tenant(caller.tenant)
+        webhook = options.webhook
+        if webhook is None:
+            webhook = Webhook(tenant.webhook_url, tenant.webhook_events or WEBHOOK_EVENTS)
+        namespace = self._namespace(caller)
+        key, _ = cache_keys(resolved, model, namespace)
         job = JobRecord(
             id=str(uuid.uuid4()),
             status=JobStatus.QUEUED,
@@ -109,8 +171,15 @@ class JobService:
             cost_cents=cost.total_cents,
             cache_mode=mode,
             engine_version=ENGINE_VERSION,
+            tenant=caller.tenant,
+            api_key_id=caller.key_id,
+            priority=options.priority,
+            cache_namespace=namespace,
+            webhook=webhook,
         )
-        hit = await self._lookup(resolved, seed_agnostic_cache) if mode is CacheMode.USE else None
+        hit = None
+        if mode is CacheMode.USE:
+            hit = await self._lookup(resolved, options.seed_agnostic_cache, namespace)
         if hit is not None:
             # The cached images were made with the hit's seed: record that one.
             job = replace(
@@ -124,39 +193,72 @@ class JobService:
                 cache_key=hit.key,
                 artifacts=[replace(a, id=str(uuid.uuid4()), job_id=job.id) for a in hit.artifacts],
             )
-        admitted = await self._lifecycle.admit(job, idempotency)
+        limits = Limits(caller.max_concurrent, tenant.budget_cents)
+        admitted = await self._lifecycle.admit(job, idempotency, limits, tenant.weight)
         return Admission(admitted.job, cost, admitted.created)
 
-    async def _lookup(self, spec: Spec, seed_agnostic: bool) -> CacheEntry | None:
+    def check_webhook(self, url: str, events: list[str], field: str) -> Webhook:
+        """A job's webhook from the request: a URL the SSRF guard accepts and known events
+        (none given: all)."""
+        check_webhook_url(url, self._webhook_allow_private, f"{field}.url")
+        unknown = [e for e in events if e not in WEBHOOK_EVENTS]
+        if unknown:
+            raise InvalidArgument.one(f"{field}.events", f"each one of {list(WEBHOOK_EVENTS)}")
+        return Webhook(url, tuple(dict.fromkeys(events)) or WEBHOOK_EVENTS)
+
+    def _namespace(self, caller: Caller) -> str:
+        """The prompt cache a caller reads and writes: its tenant's, unless it is shared."""
+        return "" if self._shared_cache else caller.tenant
+
+    async def _lookup(self, spec: Spec, seed_agnostic: bool, namespace: str) -> CacheEntry | None:
         """A cache that cannot answer is a miss: the job is rendered instead."""
         try:
-            return await self._cache.lookup(spec, seed_agnostic)
+            return await self._cache.lookup(spec, seed_agnostic, namespace)
         except Unavailable as error:
             log.warning("cache lookup failed (%s); treating it as a miss", error.message)
             return None
 
-    async def _check_uploads(self, spec: Spec) -> None:
-        """Every guidance image and ControlNet mask must be a verified upload."""
+    async def _check_uploads(self, caller: Caller, spec: Spec) -> None:
+        """Every guidance image and ControlNet mask must be a verified upload of the tenant."""
         keys = [(f"guidance_images[{i}].key", g.key) for i, g in enumerate(spec.guidance_images)]
         if spec.controlnet is not None and spec.controlnet.mask_key:
             keys.append(("controlnet.mask", spec.controlnet.mask_key))
-        await self._verify_uploads(keys)
+        await self._verify_uploads(caller, keys)
 
-    async def _verify_uploads(self, keys: list[tuple[str, str]]) -> None:
-        """InvalidArgument naming every (field, key) that is not a verified upload."""
+    async def _verify_uploads(self, caller: Caller, keys: list[tuple[str, str]]) -> None:
+        """InvalidArgument naming every (field, key) that is not a verified upload of the
+        caller's tenant (another tenant's is "no such upload", as a missing one)."""
         bad = []
         for field, key in keys:
             try:
-                await verify_stored_upload(self.objects, key, field)
+                await self.uploads.verify(key, field, caller.tenant)
             except InvalidArgument as error:
                 bad += error.violations
         if bad:
             raise InvalidArgument(bad)
 
-    async def lookup_cache(self, spec: Spec, seed_agnostic: bool) -> CacheEntry | None:
+    async def presign_upload(
+        self, caller: Caller, content_type: str, sha256: str, size_bytes: int
+    ) -> Upload:
+        await self._limiter.take(caller)
+        return await self.uploads.presign(caller.tenant, content_type, sha256, size_bytes)
+
+    async def read_object(self, caller: Caller, key: str) -> bytes:
+        """An object of the caller's tenant (an upload, or an image of one of its jobs);
+        anything else is NotFound, as a key that does not exist."""
+        owned = upload_tenant(key) == caller.tenant or await self._lifecycle.owns_object(
+            caller.tenant, key
+        )
+        if not owned:
+            raise NotFound("no such file")
+        return await self.objects.get(key)
+
+    async def lookup_cache(
+        self, caller: Caller, spec: Spec, seed_agnostic: bool
+    ) -> CacheEntry | None:
         resolved = resolve(spec, self._registry)
         await self.moderate(spec)
-        return await self._cache.lookup(resolved, seed_agnostic)
+        return await self._cache.lookup(resolved, seed_agnostic, self._namespace(caller))
 
     async def moderate(self, spec: Spec) -> None:
         """Refuses (PolicyRefused, counted) a request whose text the content policy does not
@@ -175,9 +277,15 @@ class JobService:
             raise PolicyRefused(refusal.category, refusal.field)
 
     async def evaluate_images(
-        self, prompt: str, image_keys: list[str], images: list[bytes], reference_key: str
+        self,
+        caller: Caller,
+        prompt: str,
+        image_keys: list[str],
+        images: list[bytes],
+        reference_key: str,
     ) -> Evaluation:
         """Scores any images against a prompt: verified uploads (by key) and inline files."""
+        await self._limiter.take(caller)
         bad = []
         if not prompt.strip():
             bad.append(FieldViolation("prompt", "must not be empty"))
@@ -192,8 +300,13 @@ class JobService:
         keys = [(f"image_keys[{i}]", k) for i, k in enumerate(image_keys)]
         if reference_key:
             keys.append(("reference_key", reference_key))
-        await self._verify_uploads(keys)
+        await self._verify_uploads(caller, keys)
         return await self._evaluator.evaluate(image_keys, prompt, reference_key, images=images)
+
+    async def queue_depth(self) -> QueueDepth:
+        """The queue's backlog, for operators and autoscalers (KEDA's metrics-api scaler)."""
+        claimed, waiting = await self._queue.depth()
+        return QueueDepth(claimed + sum(waiting.values()), claimed, waiting)
 
     async def safety_counts(self, days: int) -> list[SafetyCount]:
         if not 1 <= days <= 366:
@@ -204,12 +317,12 @@ class JobService:
         """The served models and the default model's id."""
         return list(self._registry.models.values()), self._registry.default
 
-    async def get(self, job_id: str) -> types_pb2.Job:
+    async def get(self, caller: Caller, job_id: str) -> types_pb2.Job:
         """The job's snapshot: what a status read returns, without URLs."""
-        return await self._lifecycle.snapshot(job_id)
+        return await self._lifecycle.snapshot(job_id, caller.tenant)
 
     async def list(
-        self, page_size: int, page_token: str, status: str
+        self, caller: Caller, page_size: int, page_token: str, status: str
     ) -> tuple[list[types_pb2.Job], str]:
         if not 0 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument.one("page_size", f"must be 0..{MAX_PAGE_SIZE}")
@@ -217,22 +330,27 @@ class JobService:
             raise InvalidArgument.one("status", f"one of {[s.value for s in JobStatus]}")
         size = page_size or 20
         before = _decode_token(page_token)
-        jobs = await self._lifecycle.page(size, before, JobStatus(status) if status else None)
+        jobs = await self._lifecycle.page(
+            caller.tenant, size, before, JobStatus(status) if status else None
+        )
         token = ""
         if len(jobs) == size:
             created = jobs[-1].create_time.ToDatetime(tzinfo=UTC).isoformat()
             token = base64.urlsafe_b64encode(f"{created}|{jobs[-1].id}".encode()).decode()
         return jobs, token
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, caller: Caller, job_id: str) -> JobRecord:
         """A queued or running job ends cancelled at once; its worker stops at its next step."""
-        return await self._lifecycle.cancel(job_id)
+        return await self._lifecycle.cancel(job_id, caller.tenant)
 
-    async def watch(self, job_id: str, after_event_id: str) -> AsyncIterator[events_pb2.JobEvent]:
+    async def watch(
+        self, caller: Caller, job_id: str, after_event_id: str
+    ) -> AsyncIterator[events_pb2.JobEvent]:
         """Events after `after_event_id`, then live ones, ending with the final event. When the
         event stream was lost (Redis restarted empty), the record supplies the final event."""
         after = check_event_id(after_event_id, "after_event_id")
-        job = await self._lifecycle.snapshot(job_id)  # NotFound before the stream starts
+        # NotFound (another tenant's job too) before the stream starts.
+        job = await self._lifecycle.snapshot(job_id, caller.tenant)
         if _finished(job) and after != "0-0" and not await self._events.read(job_id, after):
             return  # resumed after the final event: nothing more will come
         async for event in self._hub.follow(job_id, after, WATCH_IDLE_SECONDS):
@@ -271,12 +389,11 @@ def cache_mode(requested: CacheMode | None, skip_cache: bool) -> CacheMode:
     return CacheMode.REFRESH
 
 
-def _idempotency(
-    spec: Spec, key: str, seed_agnostic_cache: bool, mode: CacheMode
-) -> Idempotency | None:
+def _idempotency(spec: Spec, options: Options, mode: CacheMode) -> Idempotency | None:
     """The key with a digest of the request as the client sent it (before defaults and a
     random seed are filled in), so that a retry matches and another request does not. The
     cache mode counts as resolved: `skip_cache` and `cache=refresh` are the same request."""
+    key = options.idempotency_key
     if not key:
         return None
     if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
@@ -289,11 +406,18 @@ def _idempotency(
     # that a key taken then still matches its retry.
     request: dict[str, object] = {
         "spec": encode_spec(spec),
-        "seed_agnostic": seed_agnostic_cache,
+        "seed_agnostic": options.seed_agnostic_cache,
         "skip": mode is CacheMode.REFRESH,
     }
     if mode is CacheMode.OFF:
         request["cache"] = mode.value
+    # Written only when not the default, so that a key taken before they existed still matches.
+    if options.priority is not Priority.NORMAL:
+        request["priority"] = options.priority.value
+    if options.max_cost_cents is not None:
+        request["max_cost_cents"] = options.max_cost_cents
+    if options.webhook is not None:
+        request["webhook"] = [options.webhook.url, list(options.webhook.events)]
     digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     return Idempotency(key, digest)
 

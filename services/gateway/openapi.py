@@ -12,8 +12,17 @@ def _op(summary: str, ok: str, body: str | None = None, **extra: Any) -> dict[st
         "summary": summary,
         "responses": {
             "200": {"description": ok},
+            "401": {
+                "description": "no API key, or one that is unknown or revoked",
+                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+                "content": {"application/json": {"schema": _ERROR}},
+            },
+            "403": {
+                "description": "the key lacks the scope, or a cross-site Origin",
+                "content": {"application/json": {"schema": _ERROR}},
+            },
             "404": {
-                "description": "unknown run",
+                "description": "unknown run (another tenant's is unknown too)",
                 "content": {"application/json": {"schema": _ERROR}},
             },
             "413": {
@@ -25,6 +34,17 @@ def _op(summary: str, ok: str, body: str | None = None, **extra: Any) -> dict[st
                 "content": {"application/json": {"schema": _ERROR}},
                 "x-policy": "a prompt the content policy refuses is a 422 whose error carries"
                 " policy_violation {category, field}: never queued, cached or charged",
+            },
+            "429": {
+                "description": "a limit: the key's rate (Retry-After, RateLimit-Policy,"
+                " RateLimit, RateLimit-Limit/-Remaining/-Reset) or concurrent jobs, or the"
+                " tenant's budget; quota_violation.subject names which",
+                "headers": {
+                    "Retry-After": {"schema": {"type": "integer"}},
+                    "RateLimit-Policy": {"schema": {"type": "string"}},
+                    "RateLimit": {"schema": {"type": "string"}},
+                },
+                "content": {"application/json": {"schema": _ERROR}},
             },
             "503": {
                 "description": "the job store is unavailable; retry after the Retry-After header",
@@ -47,6 +67,9 @@ _RUN_ID = [{"name": "run_id", "in": "path", "required": True, "schema": {"type":
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "imagegen", "version": "1"},
+    # Every route needs a key but the page, /healthz and /files (authorized by the URL's
+    # signature, or GET with the owning tenant's key).
+    "security": [{"apiKey": []}],
     "paths": {
         "/api/generate/text-to-image": {
             "post": _op(
@@ -114,14 +137,29 @@ OPENAPI: dict[str, Any] = {
                 "{days, counts[{day, kind, category, count}]}",
             )
         },
+        "/api/admin/queue": {
+            "get": _op(
+                "The job queue's depth (admin): what KEDA scales generators on",
+                "{backlog, claimed, waiting_by_tenant}",
+            )
+        },
         "/api/uploads/presign": {
             "post": _op(
                 "Presign the upload of a guidance image ({content_type, sha256, size_bytes})",
-                "{key, upload_url, method, headers, expires_at}: PUT the bytes to upload_url",
+                "{key, method, upload_url, headers, fields, max_bytes, expires_at}: for PUT,"
+                " send the bytes with `headers`; for POST (S3), a multipart form of `fields`"
+                " then `file`. Bound to the tenant, the content type and size_bytes",
             )
         },
     },
     "components": {
+        "securitySchemes": {
+            "apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "an API key (`python -m services.gateway keys create`)",
+            }
+        },
         "schemas": {
             "GenerateRequest": {
                 "type": "object",
@@ -191,6 +229,27 @@ OPENAPI: dict[str, Any] = {
                         "description": "the older spelling of cache=refresh; refused with"
                         " another cache mode",
                     },
+                    "priority": {
+                        "enum": ["high", "normal", "low"],
+                        "default": "normal",
+                        "description": "the job's lane within its tenant's fair share",
+                    },
+                    "max_cost_cents": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "refused (422) when the estimate is higher",
+                    },
+                    "webhook_url": {
+                        "type": "string",
+                        "description": "told of the job's end (Standard Webhooks, signed with"
+                        " the tenant's secret); default: the tenant's webhook. Private and"
+                        " loopback addresses are refused unless the operator allows them",
+                    },
+                    "webhook_events": {
+                        "type": "array",
+                        "items": {"enum": ["job.completed", "job.failed", "job.cancelled"]},
+                        "description": "default: all three",
+                    },
                     "refine_mode": {"type": "string"},
                     "meta": {"type": "object"},
                 },
@@ -232,6 +291,10 @@ OPENAPI: dict[str, Any] = {
                                     },
                                 },
                             },
+                            "quota_violation": {
+                                "type": "object",
+                                "properties": {"subject": {"type": "string"}},
+                            },
                             "policy_violation": {
                                 "type": "object",
                                 "description": "a request the content policy refused: the"
@@ -245,6 +308,6 @@ OPENAPI: dict[str, Any] = {
                     }
                 },
             },
-        }
+        },
     },
 }

@@ -1,5 +1,6 @@
 """Starts the gateway: the gRPC ImageService and CostService, and the HTTP facade beside them,
-in one process sharing one JobService."""
+in one process sharing one JobService; with them the webhook dispatcher and the periodic
+retention cleanup."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from imagegen.v1 import (
 from services.cache.client import CacheClient
 from services.common import db
 from services.common.clients import open_channel
+from services.common.convert import signed_job
 from services.common.events import EventLog
 from services.common.health import monitor, postgres_check
 from services.common.models import load_registry
@@ -31,17 +33,30 @@ from services.common.server import (
     Servicer,
     StartupRefused,
     check_free,
+    check_secrets,
     start_server,
 )
 from services.common.settings import GatewaySettings
 from services.evaluator.client import EvaluatorClient
+from services.gateway.auth import (
+    Authenticator,
+    AuthInterceptor,
+    allowed_hosts,
+    allowed_origins,
+    method_scopes,
+)
 from services.gateway.grpc_api import CostServicer, ImageServicer
-from services.gateway.http_api import build_app
+from services.gateway.http_api import build_app, job_json
 from services.gateway.hub import EventHub
 from services.gateway.jobs import JobService
+from services.gateway.retention import Retention, clean_forever
+from services.gateway.uploads import Uploads
+from services.gateway.webhooks import WebhookDispatcher
 from services.jobs.lifecycle import JobLifecycle
 from services.safety.policy import PolicyError, load_policy
 from services.safety.prompts import PromptModerator
+from services.tenants.keys import KeyStore
+from services.tenants.limits import RateLimiter
 
 IMAGE_SERVICE = image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 COST_SERVICE = cost_service_pb2.DESCRIPTOR.services_by_name["CostService"].full_name
@@ -56,6 +71,7 @@ class _HttpServer(uvicorn.Server):
 async def start(settings: GatewaySettings) -> Service:
     check_free(settings.listen_addr)
     check_free(f"{settings.http_host}:{settings.http_port}")
+    check_secrets(settings)
     try:
         moderator = PromptModerator(load_policy(settings.safety_policy).prompt)
     except PolicyError as error:
@@ -72,13 +88,15 @@ async def start(settings: GatewaySettings) -> Service:
     )
     events = EventLog(redis, settings.event_ttl_seconds)
     hub = EventHub(redis, events)
+    queue = JobQueue(redis)
     lifecycle = JobLifecycle(
         pool,
         redis,
         events,
-        JobQueue(redis),
+        queue,
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
     )
+    keys = KeyStore(pool)
     jobs = JobService(
         lifecycle,
         events,
@@ -88,9 +106,23 @@ async def start(settings: GatewaySettings) -> Service:
         objects,
         moderator,
         EvaluatorClient(evaluator_channel),
-        settings.url_ttl_seconds,
+        keys,
+        RateLimiter(redis),
+        Uploads(objects, pool, settings.url_ttl_seconds),
+        queue,
+        url_ttl_seconds=settings.url_ttl_seconds,
+        shared_cache=settings.shared_cache,
+        webhook_allow_private=settings.webhook_allow_private,
     )
+    authenticator = Authenticator(keys)
     image, cost = ImageServicer(jobs), CostServicer(jobs)
+    scopes = method_scopes(
+        [
+            image_service_pb2.DESCRIPTOR.services_by_name["ImageService"],
+            cost_service_pb2.DESCRIPTOR.services_by_name["CostService"],
+        ],
+        generate=("CreateJob", "CancelJob", "EvaluateImages"),
+    )
     running = await start_server(
         settings.listen_addr,
         [
@@ -104,7 +136,37 @@ async def start(settings: GatewaySettings) -> Service:
             ),
         ],
         settings.max_message_bytes,
+        interceptors=[AuthInterceptor(authenticator, scopes)],
     )
+
+    async def render(job_id: str) -> dict[str, object]:
+        """A job as the HTTP API shows it: a webhook's `data`."""
+        return job_json(signed_job(await lifecycle.snapshot(job_id), objects.download_url))
+
+    stop_background = asyncio.Event()
+    dispatcher = WebhookDispatcher(
+        pool,
+        keys,
+        render,
+        allow_private=settings.webhook_allow_private,
+        timeout_seconds=settings.webhook_timeout_seconds,
+        max_attempts=settings.webhook_max_attempts,
+    )
+    retention = Retention.from_settings(settings)
+    background = [
+        asyncio.create_task(dispatcher.run(stop_background)),
+        asyncio.create_task(
+            clean_forever(
+                lifecycle,
+                pool,
+                redis,
+                objects,
+                retention,
+                settings.cleanup_interval_seconds,
+                stop_background,
+            )
+        ),
+    ]
 
     # Admission needs Postgres (the record); Redis only carries hints, so it is not a check.
     health = asyncio.create_task(monitor(running, {"postgres": postgres_check(pool)}))
@@ -117,13 +179,20 @@ async def start(settings: GatewaySettings) -> Service:
     except OSError as error:
         sock.close()
         health.cancel()
+        for task in background:
+            task.cancel()
         await running.stop(0)
         raise PortInUse(
             f"cannot listen on {settings.http_host}:{settings.http_port} for HTTP: {error}"
         ) from None
     http = _HttpServer(
         uvicorn.Config(
-            build_app(jobs),
+            build_app(
+                jobs,
+                authenticator,
+                allowed_hosts(settings.allowed_hosts, settings.public_base_url),
+                allowed_origins(settings.allowed_origins, settings.public_base_url),
+            ),
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=int(settings.grace_seconds),
@@ -141,6 +210,10 @@ async def start(settings: GatewaySettings) -> Service:
         await http_task
         health.cancel()
 
+    async def stop_background_tasks() -> None:
+        stop_background.set()
+        await asyncio.gather(*background, return_exceptions=True)
+
     return Service(
         running,
         [
@@ -149,6 +222,7 @@ async def start(settings: GatewaySettings) -> Service:
             cache_channel.close,
             evaluator_channel.close,
             hub.close,
+            stop_background_tasks,
             stop_http,
         ],
         http_port=sock.getsockname()[1],

@@ -19,7 +19,7 @@ from services.common.models import load_registry
 from services.common.objectstore import open_store
 from services.common.queue import JobQueue
 from services.common.redis import connect_redis
-from services.common.server import Service, Servicer, check_free, start_server
+from services.common.server import Service, Servicer, check_free, check_secrets, start_server
 from services.common.settings import GeneratorSettings
 from services.common.torch_compat import prepare_torch, set_torch_threads
 from services.jobs.cancels import CancelListener
@@ -31,6 +31,7 @@ SERVICE_NAME = generator_service_pb2.DESCRIPTOR.services_by_name["GeneratorServi
 
 async def start(settings: GeneratorSettings) -> Service:
     check_free(settings.listen_addr)
+    check_secrets(settings)
     prepare_torch()
     set_torch_threads(settings.torch_threads, settings.model_processes)
     from services.evaluator.client import EvaluatorClient

@@ -90,7 +90,7 @@ class QueueWorker:
                 delivery = await self._queue.claim(self.consumer, block_ms=1000)
                 if delivery is not None and stop.is_set():
                     # Claimed while stopping: a fresh entry for the next generator, no attempt.
-                    await self._queue.enqueue(delivery.job_id)
+                    await self._queue.enqueue(delivery.job_id, delivery.tenant, delivery.priority)
                     await self._queue.ack(delivery)
                 elif delivery is not None:
                     await self.process(delivery)
@@ -173,7 +173,7 @@ class QueueWorker:
             log.info("job %s: not cached, %d variant(s) withheld", job.id, len(withheld))
         elif job.cache_mode is not CacheMode.OFF:
             try:
-                await self._cache.store(job.spec, job.id, artifacts)
+                await self._cache.store(job.spec, job.id, artifacts, job.cache_namespace)
             except Exception:  # the images are safe; only their reuse is lost
                 log.warning("job %s: cache store failed", job.id, exc_info=True)
         await self._write(attempt, lambda: self._lifecycle.complete(attempt))

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from imagegen.v1 import events_pb2, types_pb2
 
 from services.common.convert import artifact_to_pb, job_to_pb
-from services.common.errors import Conflict, NotFound
+from services.common.errors import Conflict, NotFound, QuotaExceeded
 from services.common.events import EventLog
 from services.common.queue import JobQueue
 from services.common.retry import STORE_ERRORS, StoreUnavailable, is_blip
@@ -41,6 +41,8 @@ from services.jobs.records import (
     CacheMode,
     JobRecord,
     JobStatus,
+    Priority,
+    Webhook,
     Withheld,
     decode_spec,
     encode_spec,
@@ -54,7 +56,8 @@ ACQUIRE_TIMEOUT_SECONDS = 5.0
 
 _JOB_COLUMNS = (
     "id, status, stage, progress_percent, spec, cache_key, cost_cents, cache_hit, cache_mode,"
-    " error, retryable, attempts, engine_version, evaluator_models, created_at, updated_at"
+    " error, retryable, attempts, engine_version, evaluator_models, created_at, updated_at,"
+    " tenant, api_key_id, priority, cache_namespace, webhook_url, webhook_events"
 )
 _ARTIFACT_COLUMNS = (
     "id, job_id, variant_index, key, sha256, width_px, height_px, seed, clip_score,"
@@ -69,6 +72,8 @@ _FAIL = (
     f" cost_cents = 0, lease_expires_at = NULL, updated_at = now() WHERE {_HELD}"
     f" RETURNING {_JOB_COLUMNS}"
 )
+# A read by a client (`tenant` given) sees only its tenant's jobs; internal reads pass None.
+_OF_TENANT = "($2::text IS NULL OR tenant = $2)"
 _RUNNING = types_pb2.JOB_STATUS_RUNNING
 _QUEUED = types_pb2.JOB_STATUS_QUEUED
 
@@ -79,6 +84,16 @@ class SafetyCount:
     kind: str  # "prompt" (refused) or "image" (withheld)
     category: str
     count: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What admission checks, in the transaction that stores the job: the admitting key's
+    concurrent jobs (queued or running) and the tenant's spend (queued, running and completed
+    jobs) against its budget. None means no limit."""
+
+    max_concurrent: int | None = None
+    budget_cents: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,21 +132,27 @@ class JobLifecycle:
 
     # Reads
 
-    async def get(self, job_id: str) -> JobRecord:
-        """The whole record, artifacts included."""
+    async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The whole record, artifacts included. With `tenant`, another tenant's job is
+        NotFound, as one that does not exist."""
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1", parse_job_id(job_id)
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 AND {_OF_TENANT}",
+                parse_job_id(job_id),
+                tenant,
             )
             if row is None:
                 raise NotFound("no such job")
             return await self._with_artifacts(conn, row)
 
-    async def snapshot(self, job_id: str) -> types_pb2.Job:
-        """The job as clients see it (without URLs): one indexed read of a stored message."""
+    async def snapshot(self, job_id: str, tenant: str | None = None) -> types_pb2.Job:
+        """The job as clients see it (without URLs): one indexed read of a stored message.
+        With `tenant`, another tenant's job is NotFound, as one that does not exist."""
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                "SELECT snapshot, progress_percent FROM jobs WHERE id = $1", parse_job_id(job_id)
+                f"SELECT snapshot, progress_percent FROM jobs WHERE id = $1 AND {_OF_TENANT}",
+                parse_job_id(job_id),
+                tenant,
             )
         if row is None:
             raise NotFound("no such job")
@@ -139,14 +160,29 @@ class JobLifecycle:
             await self.get(job_id)
         )
 
+    async def owns_object(self, tenant: str, key: str) -> bool:
+        """Whether an artifact of one of `tenant`'s jobs is stored under `key`."""
+        async with self._connection() as conn:
+            found = await conn.fetchval(
+                "SELECT true FROM artifacts a JOIN jobs j ON j.id = a.job_id"
+                " WHERE a.key = $1 AND j.tenant = $2 LIMIT 1",
+                key,
+                tenant,
+            )
+        return bool(found)
+
     async def page(
-        self, limit: int, before: tuple[datetime, str] | None, status: JobStatus | None
+        self,
+        tenant: str,
+        limit: int,
+        before: tuple[datetime, str] | None,
+        status: JobStatus | None,
     ) -> list[types_pb2.Job]:
-        """Jobs newest first, strictly older than the `before` cursor."""
-        where = ["($1::text IS NULL OR status = $1)"]
-        args: list[Any] = [status.value if status else None]
+        """The tenant's jobs newest first, strictly older than the `before` cursor."""
+        where = ["tenant = $1", "($2::text IS NULL OR status = $2)"]
+        args: list[Any] = [tenant, status.value if status else None]
         if before is not None:
-            where.append("(created_at, id) < ($2, $3)")
+            where.append("(created_at, id) < ($3, $4)")
             args += [before[0], parse_job_id(before[1])]
         async with self._connection() as conn:
             rows = await conn.fetch(
@@ -162,23 +198,34 @@ class JobLifecycle:
 
     # Transitions
 
-    async def admit(self, job: JobRecord, idempotency: Idempotency | None = None) -> Admitted:
+    async def admit(
+        self,
+        job: JobRecord,
+        idempotency: Idempotency | None = None,
+        limits: Limits | None = None,
+        weight: int | None = None,
+    ) -> Admitted:
         """Stores a new job: `queued` and put on the queue, or (a cache hit) already `completed`
-        with its artifacts. An idempotency key already used for the same request returns that
-        request's job; used for another request, it is refused (Conflict)."""
+        with its artifacts. An idempotency key already used (by the job's tenant) for the same
+        request returns that request's job; used for another request, it is refused
+        (Conflict). `limits` are checked in the same transaction (QuotaExceeded); a replay is
+        not checked again. `weight` is the tenant's share of the generators."""
         async with self._transaction() as conn:
             if idempotency is not None:
-                first = await self._claim_key(conn, idempotency, job.id)
+                first = await self._claim_key(conn, idempotency, job)
                 if first is not None:
                     row = await conn.fetchrow(
                         f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1", first
                     )
                     if row is not None:
                         return Admitted(await self._with_artifacts(conn, row), False)
+            if limits is not None and job.status is JobStatus.QUEUED:
+                await _check_limits(conn, job, limits)
             row = await conn.fetchrow(
                 "INSERT INTO jobs (id, status, stage, progress_percent, spec, cache_key,"
-                " cost_cents, cache_hit, cache_mode, engine_version)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                " cost_cents, cache_hit, cache_mode, engine_version, tenant, api_key_id,"
+                " priority, cache_namespace, webhook_url, webhook_events)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
                 f" RETURNING {_JOB_COLUMNS}",
                 parse_job_id(job.id),
                 job.status.value,
@@ -190,13 +237,19 @@ class JobLifecycle:
                 job.cache_hit,
                 job.cache_mode.value,
                 job.engine_version,
+                job.tenant,
+                uuid.UUID(job.api_key_id) if job.api_key_id else None,
+                job.priority.value,
+                job.cache_namespace,
+                job.webhook.url,
+                list(job.webhook.events),
             )
             for artifact in job.artifacts:
                 await _upsert_artifact(conn, artifact)
             stored = await self._refresh(conn, row)
         if stored.status is JobStatus.QUEUED:
             await self._announce(stored.id, status=events_pb2.StatusEvent(status=_QUEUED))
-            await self._hint_queue(stored.id)
+            await self._hint_queue(stored, weight)
         else:
             await self._announce_final(stored)
         return Admitted(stored, True)
@@ -431,16 +484,19 @@ class JobLifecycle:
             attempt.job_id,
             status=events_pb2.StatusEvent(status=_QUEUED, attempt=attempt.number),
         )
-        await self._hint_queue(attempt.job_id)
+        await self._hint_queue(attempt.job)
         return True
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str, tenant: str | None = None) -> JobRecord:
         """Ends a queued or running job `cancelled` at once; the worker running it is told
-        and stops at its next step. A job that already ended is returned as it is."""
+        and stops at its next step. A job that already ended is returned as it is. With
+        `tenant`, another tenant's job is NotFound."""
         job_uuid = parse_job_id(job_id)
         async with self._transaction() as conn:
             prior = await conn.fetchval(
-                "SELECT status FROM jobs WHERE id = $1 FOR UPDATE", job_uuid
+                f"SELECT status FROM jobs WHERE id = $1 AND {_OF_TENANT} FOR UPDATE",
+                job_uuid,
+                tenant,
             )
             if prior is None:
                 raise NotFound("no such job")
@@ -484,7 +540,7 @@ class JobLifecycle:
             await self._announce(
                 job.id, status=events_pb2.StatusEvent(status=_QUEUED, attempt=job.attempts)
             )
-            await self._hint_queue(job.id)
+            await self._hint_queue(job)
             expired.append(job.id)
         return expired
 
@@ -493,16 +549,17 @@ class JobLifecycle:
         persistence, a FLUSHALL, a failover, or never written because Redis was away)."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "SELECT id FROM jobs WHERE status = 'queued'"
+                "SELECT id, tenant, priority FROM jobs WHERE status = 'queued'"
                 " AND updated_at < now() - make_interval(secs => $1)"
                 " ORDER BY updated_at LIMIT $2",
                 older_than_seconds,
                 limit,
             )
-        missing = await self._queue.missing([str(r["id"]) for r in rows])
+        lanes = {str(r["id"]): (r["tenant"], Priority(r["priority"])) for r in rows}
+        missing = await self._queue.missing(list(lanes))
         for job_id in missing:
             log.warning("job %s is queued but not on the queue; queueing it again", job_id)
-            await self._queue.enqueue(job_id)
+            await self._queue.enqueue(job_id, *lanes[job_id])
         return missing
 
     async def announce_missing_finals(
@@ -540,6 +597,22 @@ class JobLifecycle:
             )
         return int(status.split()[-1])
 
+    async def drop_artifacts(self, job_id: str) -> list[str]:
+        """Deletes the job's artifact rows (retention: they are past their time) and rewrites its
+        snapshot so that reads no longer list them; returns the keys the rows held. The objects
+        are the caller's to delete: keys are content-addressed, and other rows may share them."""
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE", parse_job_id(job_id)
+            )
+            if row is None:
+                return []
+            removed = await conn.fetch(
+                "DELETE FROM artifacts WHERE job_id = $1 RETURNING key", row["id"]
+            )
+            await self._refresh(conn, row)
+        return [r["key"] for r in removed]
+
     # Parts
 
     async def _end(
@@ -556,24 +629,26 @@ class JobLifecycle:
         return True
 
     async def _claim_key(
-        self, conn: asyncpg.Connection, idempotency: Idempotency, job_id: str
+        self, conn: asyncpg.Connection, idempotency: Idempotency, job: JobRecord
     ) -> uuid.UUID | None:
-        """Takes the key for `job_id`; or, when it is in use, the job it was used for."""
+        """Takes the tenant's key for `job`; or, when it is in use, the job it was used for."""
         taken = await conn.fetchval(
-            "INSERT INTO idempotency_keys (key, request_sha256, job_id, expires_at)"
-            " VALUES ($1, $2, $3, now() + make_interval(secs => $4))"
-            " ON CONFLICT (key) DO UPDATE SET request_sha256 = EXCLUDED.request_sha256,"
+            "INSERT INTO idempotency_keys (tenant, key, request_sha256, job_id, expires_at)"
+            " VALUES ($5, $1, $2, $3, now() + make_interval(secs => $4))"
+            " ON CONFLICT (tenant, key) DO UPDATE SET request_sha256 = EXCLUDED.request_sha256,"
             " job_id = EXCLUDED.job_id, expires_at = EXCLUDED.expires_at"
             " WHERE idempotency_keys.expires_at < now() RETURNING true",
             idempotency.key,
             idempotency.request_sha256,
-            parse_job_id(job_id),
+            parse_job_id(job.id),
             float(self.idempotency_ttl_seconds),
+            job.tenant,
         )
         if taken:
             return None
         row = await conn.fetchrow(
-            "SELECT request_sha256, job_id FROM idempotency_keys WHERE key = $1",
+            "SELECT request_sha256, job_id FROM idempotency_keys WHERE tenant = $1 AND key = $2",
+            job.tenant,
             idempotency.key,
         )
         if row["request_sha256"] not in ("", idempotency.request_sha256):
@@ -585,13 +660,26 @@ class JobLifecycle:
         return first
 
     async def _refresh(self, conn: asyncpg.Connection, row: asyncpg.Record) -> JobRecord:
-        """The record after a change, with its snapshot rewritten to match."""
+        """The record after a change, with its snapshot rewritten to match; a job that just
+        ended gets its webhook delivery, in the same transaction."""
         job = await self._with_artifacts(conn, row)
         await conn.execute(
             "UPDATE jobs SET snapshot = $2 WHERE id = $1",
             row["id"],
             job_to_pb(job).SerializeToString(),
         )
+        event = f"job.{job.status.value}"
+        if job.finished and job.webhook.url and event in job.webhook.events:
+            await conn.execute(
+                "INSERT INTO webhook_deliveries (id, tenant, job_id, event_type, url)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id, event_type) DO NOTHING",
+                uuid.uuid4(),
+                job.tenant,
+                row["id"],
+                event,
+                job.webhook.url,
+            )
+            await conn.execute("NOTIFY imagegen_webhooks")
         return job
 
     @staticmethod
@@ -638,8 +726,10 @@ class JobLifecycle:
                 "UPDATE jobs SET final_announced = true WHERE id = $1", parse_job_id(job.id)
             )
 
-    async def _hint_queue(self, job_id: str) -> None:
-        await self._blip_tolerant(self._queue.enqueue(job_id), "queue entry")
+    async def _hint_queue(self, job: JobRecord, weight: int | None = None) -> None:
+        await self._blip_tolerant(
+            self._queue.enqueue(job.id, job.tenant, job.priority, weight), "queue entry"
+        )
 
     async def _dead_letter(self, job_id: str, reason: str) -> None:
         await self._blip_tolerant(self._queue.dead_letter(job_id, reason), "dead letter")
@@ -713,7 +803,44 @@ def _job(row: asyncpg.Record) -> JobRecord:
         evaluator_models=list(row["evaluator_models"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        tenant=row["tenant"],
+        api_key_id=str(row["api_key_id"]) if row["api_key_id"] else None,
+        priority=Priority(row["priority"]),
+        cache_namespace=row["cache_namespace"],
+        webhook=Webhook(row["webhook_url"], tuple(row["webhook_events"])),
     )
+
+
+async def _check_limits(conn: asyncpg.Connection, job: JobRecord, limits: Limits) -> None:
+    """QuotaExceeded when admitting `job` would pass its key's concurrency limit or its
+    tenant's budget. A transaction-scoped lock per tenant makes concurrent admissions of one
+    tenant count one after another (other tenants are not held up)."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('imagegen:tenant:' || $1))", job.tenant
+    )
+    if limits.max_concurrent is not None and job.api_key_id is not None:
+        active = await conn.fetchval(
+            "SELECT count(*) FROM jobs WHERE api_key_id = $1 AND status IN ('queued', 'running')",
+            uuid.UUID(job.api_key_id),
+        )
+        if active >= limits.max_concurrent:
+            raise QuotaExceeded(
+                f"key:{job.api_key_id}/concurrent",
+                f"this key has {active} jobs queued or running, its limit; retry when one ends",
+                retry_after_seconds=5,
+            )
+    if limits.budget_cents is not None:
+        spent = await conn.fetchval(
+            "SELECT coalesce(sum(cost_cents), 0) FROM jobs WHERE tenant = $1"
+            " AND status IN ('queued', 'running', 'completed')",
+            job.tenant,
+        )
+        if spent + job.cost_cents > limits.budget_cents:
+            raise QuotaExceeded(
+                f"tenant:{job.tenant}/budget",
+                f"this job ({job.cost_cents} cents) would take the tenant's spend from {spent} past"
+                f" its budget of {limits.budget_cents} cents",
+            )
 
 
 async def _count_safety(conn: asyncpg.Connection, kind: str, category: str) -> None:

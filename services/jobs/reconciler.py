@@ -2,7 +2,6 @@
 
 Every generator runs it; every repair is a guarded transition or a harmless duplicate queue
 entry, so any number of them may run at once. Each round:
-- recreates the consumer group if Redis lost it;
 - queues again the running jobs whose worker's lease ran out (the worker died, or lost its
   stores for longer than the lease): the next attempt resumes where that one stopped;
 - queues again the queued jobs that have no queue entry (Redis restarted without its data, was
@@ -35,7 +34,6 @@ class Repairs:
 async def reconcile_once(
     lifecycle: JobLifecycle, queue: JobQueue, queued_grace_seconds: float
 ) -> Repairs:
-    await queue.ensure_group()
     expired = await lifecycle.expire_leases()
     # Jobs just admitted or requeued get their entry from whoever changed them; only those
     # queued for longer than the grace are checked.

@@ -41,6 +41,27 @@ class CacheMode(enum.StrEnum):
     OFF = "off"  # neither read nor written
 
 
+class Priority(enum.StrEnum):
+    """A job's lane within its tenant's share of the generators: a tenant's high jobs go before
+    its normal ones, and those before its low ones; tenants are served fairly whatever the lane."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+# What a webhook can be told of: the job's end, one event per way it can end.
+WEBHOOK_EVENTS = ("job.completed", "job.failed", "job.cancelled")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where a job's end is announced (empty url: nowhere), and for which events."""
+
+    url: str = ""
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+
+
 @dataclass
 class ArtifactRecord:
     job_id: str
@@ -95,6 +116,14 @@ class JobRecord:
     updated_at: datetime | None = None
     artifacts: list[ArtifactRecord] = field(default_factory=list)
     withheld: list[Withheld] = field(default_factory=list)
+    # Whose job it is (every read and change by a client is confined to its tenant), which key
+    # admitted it (its concurrency limit counts the job), its lane, the prompt cache namespace
+    # it reads and writes ("" is the shared cache), and where its end is announced.
+    tenant: str = ""
+    api_key_id: str | None = None
+    priority: Priority = Priority.NORMAL
+    cache_namespace: str = ""
+    webhook: Webhook = field(default_factory=Webhook)
 
     @property
     def finished(self) -> bool:
