@@ -24,9 +24,11 @@ from imagegen.v1 import image_service_pb2_grpc
 
 from services.common import db
 from services.common.interceptors import ClientInterceptor, bearer_interceptors
+from services.common.objectstore import S3Store, open_store
 from services.common.server import Service
 from services.common.settings import (
     CacheSettings,
+    CommonSettings,
     EvaluatorSettings,
     GatewaySettings,
     GeneratorSettings,
@@ -96,6 +98,33 @@ def _with_redis_db(url: str, db: int) -> str:
     if url.startswith("unix://"):
         return f"{url.split('?')[0]}?db={db}"
     return f"{url.rstrip('/').rsplit('/', 1)[0] if url.count('/') > 2 else url}/{db}"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 protocol server on 127.0.0.1 (moto's standalone server), for the module."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, tmp_path: Path) -> S3Store:
+    """An S3Store on a bucket of the test's own."""
+    settings = CommonSettings(
+        s3_endpoint=s3_endpoint,
+        s3_access_key="test-access",
+        s3_secret_key="test-secret",
+        s3_bucket=f"imagegen-{tmp_path.name.lower().replace('_', '-')[:40]}",
+        data_dir=tmp_path,
+    )
+    store = open_store(settings)
+    assert isinstance(store, S3Store)
+    return store
 
 
 @dataclass(frozen=True)

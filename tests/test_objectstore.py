@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -14,36 +13,9 @@ import httpx
 import pytest
 
 from services.common.errors import InvalidArgument, NotFound
-from services.common.objectstore import LocalStore, S3Store, content_key, open_store
-from services.common.settings import CommonSettings
-from services.mesh import free_port
+from services.common.objectstore import LocalStore, S3Store, content_key
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint: str, tmp_path: Path) -> S3Store:
-    settings = CommonSettings(
-        s3_endpoint=s3_endpoint,
-        s3_access_key="test-access",
-        s3_secret_key="test-secret",
-        s3_bucket=f"imagegen-{tmp_path.name.lower().replace('_', '-')[:40]}",
-        data_dir=tmp_path,
-    )
-    store = open_store(settings)
-    assert isinstance(store, S3Store)
-    return store
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -24,11 +24,9 @@ from starlette.routing import Route
 
 from services.common.db import connect
 from services.common.errors import Forbidden, InvalidArgument, PayloadTooLarge
-from services.common.objectstore import LocalStore, S3Store, open_store
-from services.common.settings import CommonSettings
+from services.common.objectstore import LocalStore, S3Store
 from services.gateway.http_input import RequestContext, read_body
 from services.gateway.uploads import NO_SUCH_UPLOAD, Upload, Uploads, upload_tenant
-from services.mesh import free_port
 from services.tenants.keys import KeyStore
 from tests.conftest import ServiceEnv
 
@@ -91,31 +89,6 @@ def local(tmp_path: Path) -> LocalStore:
 @pytest.fixture
 def uploads(local: LocalStore, pool: asyncpg.Pool) -> Uploads:
     return Uploads(local, pool, TTL)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint: str, tmp_path: Path) -> S3Store:
-    settings = CommonSettings(
-        s3_endpoint=s3_endpoint,
-        s3_access_key="test-access",
-        s3_secret_key="test-secret",
-        s3_bucket=f"uploads-{tmp_path.name.lower().replace('_', '-')[:40]}",
-        data_dir=tmp_path,
-    )
-    store = open_store(settings)
-    assert isinstance(store, S3Store)
-    return store
 
 
 def put_route(uploads: Uploads) -> Starlette:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,11 @@ class EmbeddedStores:
 
 def start_postgres(folder: Path) -> tuple[str, Any]:
     os.environ.setdefault("XDG_RUNTIME_DIR", str(folder.parent))
-    import pgserver
+    with warnings.catch_warnings():
+        # platformdirs (read by pgserver at import) warns that the folder is not a private
+        # runtime directory; pgserver keeps its own files in `folder`.
+        warnings.simplefilter("ignore")
+        import pgserver
 
     folder.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(folder, cleanup_mode="stop")  # type: ignore[attr-defined]
