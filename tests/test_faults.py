@@ -352,10 +352,11 @@ async def test_cancelling_a_running_job_stops_its_render_within_one_step(
             async for line in stream.aiter_lines():
                 if line.startswith("event: progress"):
                     break
-        cancelled = await http.post(f"/api/jobs/{running}/cancel")
-        assert cancelled.json()["status"] == "cancelled"
+        # The waiting job first: once the running one stops, the worker takes the next job.
         queued = await http.post(f"/api/jobs/{waiting}/cancel")
         assert queued.json()["status"] == "cancelled"
+        cancelled = await http.post(f"/api/jobs/{running}/cancel")
+        assert cancelled.json()["status"] == "cancelled"
         await check_exactly_once(fault_env, burst, variants=0)
         await asyncio.sleep(1.0)  # anything still rendering would report more steps by now
         redis = aioredis.from_url(fault_env.redis_url)
