@@ -41,7 +41,7 @@ from tests.helpers import run_to_end, violations
 WAIT = 60.0
 # Every HTTP route of the gateway, and what it needs. A route added to the app and not here
 # fails test_the_route_table_is_the_one_listed_here.
-OPEN_ROUTES = {("GET", "/"), ("GET", "/healthz")}
+OPEN_ROUTES = {("GET", "/"), ("GET", "/healthz"), ("GET", "/metrics")}
 KEYED_ROUTES = {
     ("POST", "/api/generate/text-to-image"),
     ("GET", "/api/status/stream/{run_id}"),

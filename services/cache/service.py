@@ -13,7 +13,14 @@ from services.common import db
 from services.common.health import monitor, postgres_check, redis_check
 from services.common.models import load_registry
 from services.common.redis import connect_redis
-from services.common.server import Service, Servicer, check_free, check_secrets, start_server
+from services.common.server import (
+    Service,
+    Servicer,
+    check_free,
+    check_metrics_free,
+    check_secrets,
+    start_server,
+)
 from services.common.settings import CacheSettings
 
 SERVICE_NAME = cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
@@ -21,6 +28,7 @@ SERVICE_NAME = cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].ful
 
 async def start(settings: CacheSettings) -> Service:
     check_free(settings.listen_addr)
+    check_metrics_free(settings.metrics_host, settings.metrics_port)
     check_secrets(settings)
     pool = await db.connect(settings.database_url)
     redis = connect_redis(settings.redis_url)
@@ -36,6 +44,8 @@ async def start(settings: CacheSettings) -> Service:
             )
         ],
         settings.max_message_bytes,
+        metrics_host=settings.metrics_host,
+        metrics_port=settings.metrics_port,
     )
     health = asyncio.create_task(
         monitor(running, {"postgres": postgres_check(pool), "redis": redis_check(redis)})

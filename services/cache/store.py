@@ -16,6 +16,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from services.cache.entry import CacheEntry
+from services.common import metrics
 from services.common.models import Registry
 from services.common.spec import Spec, cache_keys
 from services.jobs.records import ArtifactRecord, decode_artifact
@@ -84,6 +85,7 @@ class PromptCache:
         key, seedless = self.keys(spec, namespace)
         entry = await self._find(seedless if seed_agnostic else key, seed_agnostic)
         if entry is None:
+            metrics.CACHE_LOOKUPS.labels("miss").inc()
             await self._redis.incr(_MISSES)
             return key, None
         hits = await self._pool.fetchval(
@@ -91,6 +93,9 @@ class PromptCache:
             entry.key,
         )
         await self._redis.incr(_HITS)
+        metrics.CACHE_LOOKUPS.labels(
+            "hit_seed_agnostic" if seed_agnostic else "hit_seed_aware"
+        ).inc()
         return key, replace(entry, hit_count=hits or entry.hit_count + 1)
 
     async def _find(self, key: str, seedless: bool) -> CacheEntry | None:

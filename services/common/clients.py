@@ -1,4 +1,5 @@
-"""gRPC client channels: one place sets retries on UNAVAILABLE, default deadlines and limits."""
+"""gRPC client channels: one place sets retries on UNAVAILABLE, default deadlines, limits and
+the client metrics."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import grpc
 
-from services.common.interceptors import request_id_interceptors
+from services.common.interceptors import metrics_interceptors, request_id_interceptors
 
 _STREAMING_METHODS = [{"service": "imagegen.v1.GeneratorService", "method": "Generate"}]
 
@@ -40,5 +41,5 @@ def open_channel(addr: str, timeout_seconds: float, max_message_bytes: int) -> g
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
         ],
-        interceptors=request_id_interceptors(),
+        interceptors=[*metrics_interceptors(), *request_id_interceptors()],
     )

@@ -1,4 +1,4 @@
-"""Cross-cutting server work: request ids, logging and the exception-to-status table.
+"""Cross-cutting RPC work: request ids, logging, metrics and the exception-to-status table.
 
 Handlers raise domain errors (services.common.errors); this is the only place that turns them
 into gRPC statuses. Anything unexpected becomes INTERNAL with a generic message, and the detail
@@ -7,6 +7,7 @@ goes to the log, never to the client.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from services.common import metrics
 from services.common.errors import ServiceError, Unavailable, to_rpc_status
 from services.common.retry import is_blip
 
@@ -96,7 +98,143 @@ def _wrap_stream(method: str, behaviour: Any) -> Any:
     return wrapped
 
 
+def _names(method: str) -> tuple[str, str]:
+    """("imagegen.v1.ImageService", "CreateJob") from "/imagegen.v1.ImageService/CreateJob"."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+def _ended_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
+    """The status code name a call ended with: the one it aborted with or set, a domain error's,
+    CANCELLED when the client went away, else INTERNAL for an error and OK without one."""
+    if isinstance(error, ServiceError):
+        return error.grpc_code.name
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED.name
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if error is not None:
+        return grpc.StatusCode.INTERNAL.name
+    return grpc.StatusCode.OK.name
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts each call by the status it ended with, times it (a stream: to its last message)
+    and keeps the calls in flight. Outermost, so the error interceptor has mapped the error."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        names = _names(handler_call_details.method)
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_measure_unary(names, handler.unary_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_measure_stream(names, handler.unary_stream))
+        return handler
+
+
+def _record(names: tuple[str, str], started: float, code: str) -> None:
+    metrics.GRPC_SERVER_HANDLED.labels(*names, code).inc()
+    metrics.GRPC_SERVER_SECONDS.labels(*names).observe(time.perf_counter() - started)
+    metrics.GRPC_SERVER_IN_FLIGHT.labels(*names).dec()
+
+
+def _measure_unary(names: tuple[str, str], behaviour: Any) -> Any:
+    async def measured(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        metrics.GRPC_SERVER_IN_FLIGHT.labels(*names).inc()
+        started, error = time.perf_counter(), None
+        try:
+            return await behaviour(request, context)
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            _record(names, started, _ended_with(context, error))
+
+    return measured
+
+
+def _measure_stream(names: tuple[str, str], behaviour: Any) -> Any:
+    async def measured(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        metrics.GRPC_SERVER_IN_FLIGHT.labels(*names).inc()
+        started, error = time.perf_counter(), None
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            _record(names, started, _ended_with(context, error))
+
+    return measured
+
+
 ClientInterceptor = grpc.aio.UnaryUnaryClientInterceptor | grpc.aio.UnaryStreamClientInterceptor
+
+
+def _observe_client(names: tuple[str, str], started: float, code: grpc.StatusCode) -> None:
+    metrics.GRPC_CLIENT_HANDLED.labels(*names, code.name).inc()
+    metrics.GRPC_CLIENT_SECONDS.labels(*names).observe(time.perf_counter() - started)
+
+
+def _client_code(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code()
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class _UnaryUnaryMetrics(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        names, started = _names(_text(details.method)), time.perf_counter()
+        call = await continuation(details, request)
+        try:
+            await call  # the caller awaits the same call again: its answer or its error
+        except BaseException as error:
+            _observe_client(names, started, _client_code(error))
+            if not isinstance(error, grpc.aio.AioRpcError):
+                raise
+        else:
+            _observe_client(names, started, grpc.StatusCode.OK)
+        return call
+
+
+class _UnaryStreamMetrics(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        names, started = _names(_text(details.method)), time.perf_counter()
+        call = await continuation(details, request)
+
+        async def responses() -> AsyncIterator[Any]:
+            code = grpc.StatusCode.OK
+            try:
+                async for response in call:
+                    yield response
+            except BaseException as error:
+                code = _client_code(error)
+                raise
+            finally:
+                _observe_client(names, started, code)
+
+        return responses()
+
+
+def metrics_interceptors() -> list[ClientInterceptor]:
+    """Count and time the calls this process makes (one object per call kind, as below)."""
+    return [_UnaryUnaryMetrics(), _UnaryStreamMetrics()]
+
+
+def _text(method: str | bytes) -> str:
+    return method.decode() if isinstance(method, bytes) else method
 
 
 class _UnaryUnaryMetadata(grpc.aio.UnaryUnaryClientInterceptor):

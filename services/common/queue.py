@@ -20,7 +20,8 @@ Keys (one Redis, not a cluster: the scripts name per-tenant lane lists themselve
   imagegen:fq:lane:<tenant>:<lane>  list of entry tokens waiting, oldest first
   imagegen:fq:ring / :ringed        the tenants with waiting entries, in turn order / as a set
   imagegen:fq:weights / :turns      tenant -> its share / claims taken in its current turn
-  imagegen:fq:entries               token -> the entry (JSON: job, tenant, lane), waiting or claimed
+  imagegen:fq:entries               token -> the entry (JSON: job, tenant, lane, at: enqueued, in
+                                    ms by Redis's clock), waiting or claimed
   imagegen:fq:claimed               sorted set: token -> when it was (re)claimed, in ms
   imagegen:fq:index                 job id -> its newest entry's token (`missing`, the ack rule)
   imagegen:fq:consumers             consumer -> when it last asked for work, in ms
@@ -64,9 +65,12 @@ _NOW_MS = (
 
 # KEYS: entries, index, ring, ringed, weights, wake.
 # ARGV: lane prefix, token, job, tenant, lane, weight ('' keeps the stored one), wake length.
-_ENQUEUE = """
+_ENQUEUE = (
+    _NOW_MS
+    + """
 local token, tenant = ARGV[2], ARGV[4]
-redis.call('HSET', KEYS[1], token, cjson.encode({job = ARGV[3], tenant = tenant, lane = ARGV[5]}))
+local entry = {job = ARGV[3], tenant = tenant, lane = ARGV[5], at = now}
+redis.call('HSET', KEYS[1], token, cjson.encode(entry))
 redis.call('HSET', KEYS[2], ARGV[3], token)
 redis.call('RPUSH', ARGV[1] .. tenant .. ':' .. ARGV[5], token)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[5], tenant, ARGV[6]) end
@@ -74,6 +78,7 @@ if redis.call('SADD', KEYS[4], tenant) == 1 then redis.call('RPUSH', KEYS[3], te
 redis.call('LPUSH', KEYS[6], 1)
 redis.call('LTRIM', KEYS[6], 0, ARGV[7] - 1)
 """
+)
 
 # KEYS: entries, claimed, consumers, ring, ringed, weights, turns.
 # ARGV: lane prefix, consumer, claim_idle_ms. Returns {token, entry, reclaimed} or nil.
@@ -164,6 +169,33 @@ for _, tenant in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return counts
 """
+
+# KEYS: ringed, entries. ARGV: lane prefix. Returns {now, lane, waiting, oldest, lane, ...}:
+# per lane, the entries waiting and when the oldest head of a tenant's lane was enqueued (ms;
+# -1 when none waits or the entries predate the `at` field).
+_LANES = (
+    _NOW_MS
+    + """
+local result = {now}
+for _, lane in ipairs({'high', 'normal', 'low'}) do
+  local waiting, oldest = 0, -1
+  for _, tenant in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+    local key = ARGV[1] .. tenant .. ':' .. lane
+    waiting = waiting + redis.call('LLEN', key)
+    local head = redis.call('LINDEX', key, 0)
+    local entry = head and redis.call('HGET', KEYS[2], head)
+    if entry then
+      local at = cjson.decode(entry).at
+      if at and (oldest < 0 or at < oldest) then oldest = at end
+    end
+  end
+  table.insert(result, lane)
+  table.insert(result, waiting)
+  table.insert(result, oldest)
+end
+return result
+"""
+)
 
 # KEYS: consumers. ARGV: idle ms. Returns the consumers forgotten.
 _FORGET = (
@@ -274,6 +306,17 @@ class JobQueue:
     async def depth(self) -> tuple[int, dict[str, int]]:
         """(entries claimed and not acked, entries waiting by tenant), read at one moment."""
         return await self._counts()
+
+    async def lanes(self) -> dict[Priority, tuple[int, float]]:
+        """Per priority lane, over every tenant: (entries waiting, age in seconds of the oldest
+        one, 0 when none waits). One script: O(tenants waiting), cheap enough to poll."""
+        found: Any = await self._redis.eval(_LANES, 2, RINGED, ENTRIES, LANES)
+        now = int(found[0])
+        rows = zip(found[1::3], found[2::3], found[3::3], strict=True)
+        return {
+            Priority(_text(lane)): (int(n), max(now - int(at), 0) / 1000 if int(at) >= 0 else 0.0)
+            for lane, n, at in rows
+        }
 
     async def forget_consumers(self, idle_seconds: float) -> list[str]:
         """Forgets the consumers that have not asked for work in `idle_seconds`, and names them.

@@ -1,7 +1,8 @@
 """One gRPC server bootstrap for every service.
 
-Health (per-service status), reflection, the error interceptor, explicit message-size limits and a
-graceful stop on SIGTERM/SIGINT: services only say which servicers to add.
+Health (per-service status), reflection, the metrics and error interceptors, the Prometheus
+metrics port, explicit message-size limits and a graceful stop on SIGTERM/SIGINT: services only
+say which servicers to add.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.common.interceptors import ErrorInterceptor
+from services.common import metrics
+from services.common.interceptors import ErrorInterceptor, MetricsInterceptor
 from services.common.settings import CommonSettings
 
 log = logging.getLogger("imagegen.server")
@@ -72,6 +74,26 @@ def check_free(addr: str) -> None:
             ) from None
 
 
+def check_metrics_free(host: str, port: int) -> None:
+    """As check_free, for the metrics port: one this process serves already is not taken."""
+    if port > 0 and not metrics.serving_on(host, port):
+        check_free(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Starts (once per process and port) the metrics HTTP server; its port, 0 when off."""
+    try:
+        bound = metrics.serve(host, port)
+    except OSError as error:
+        raise PortInUse(
+            f"cannot listen on {host}:{port} for metrics: {error.strerror}"
+            " (is another copy running?)"
+        ) from None
+    if bound:
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
+
+
 @dataclass
 class Servicer:
     """A servicer to add: its full service name and the generated `add_..._to_server`."""
@@ -87,6 +109,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     names: list[str] = field(default_factory=list)
     stopping: bool = False
+    metrics_port: int = 0  # 0: off
 
     async def set_serving(self, serving: bool) -> None:
         """Sets every served service's status; once stopping, it stays NOT_SERVING."""
@@ -106,16 +129,23 @@ async def start_server(
     max_message_bytes: int,
     serving: bool = True,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int = -1,
 ) -> RunningServer:
     """Starts a server on `addr` (port 0 picks a free one); health starts NOT_SERVING unless
     `serving`, so a service can load its models before it takes traffic. `interceptors` run
-    inside the error interceptor (their errors get the status table too)."""
+    inside the error interceptor (their errors get the status table too), which runs inside the
+    metrics interceptor (it sees the status each call ends with). The metrics are served on
+    `metrics_host:metrics_port` (0: a free port; -1: off)."""
+    bound_metrics = serve_metrics(metrics_host, metrics_port)
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors], options=options)
+    server = grpc.aio.server(
+        interceptors=[MetricsInterceptor(), ErrorInterceptor(), *interceptors], options=options
+    )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for servicer in servicers:
@@ -139,7 +169,7 @@ async def start_server(
             f"cannot listen on {addr}: the address is in use (is another copy running?)"
         )
     await server.start()
-    running = RunningServer(server, port, health, names)
+    running = RunningServer(server, port, health, names, metrics_port=bound_metrics)
     await running.set_serving(serving)
     log.info("gRPC %s listening on port %d", ", ".join(names), port)
     return running
@@ -165,6 +195,11 @@ class Service:
     @property
     def port(self) -> int:
         return self.grpc.port
+
+    @property
+    def metrics_port(self) -> int:
+        """Where GET /metrics answers (0: off)."""
+        return self.grpc.metrics_port
 
     async def stop(self, grace: float) -> None:
         """Reports NOT_SERVING, drains in-flight calls, then cleans up, all within `grace`

@@ -50,6 +50,10 @@ class CommonSettings(BaseSettings):
     generator_addr: str = "127.0.0.1:50053"
     evaluator_addr: str = "127.0.0.1:50054"
     rpc_timeout_seconds: float = 30.0
+    # Prometheus metrics over HTTP (GET /metrics): 0 picks a free port (logged), -1 turns them
+    # off. Deployments set a fixed one to scrape; loopback unless METRICS_HOST opens it.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=0, ge=-1, le=65535)
 
     event_ttl_seconds: int = 24 * 3600  # how long a job's event stream outlives its last event
     # How long a reused Idempotency-Key returns its first job (and refuses another request).

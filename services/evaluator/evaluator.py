@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from services.common import metrics
 from services.common.errors import InvalidArgument, NotFound
 from services.common.objectstore import ObjectStore, check_key
 from services.evaluator.batcher import Batcher
@@ -133,6 +134,7 @@ class Evaluator:
         """One scoring round, on the scoring thread: every image encoded together, then each
         work's scores or verdicts."""
         every = [image for work in works for image in work.images]  # references: LPIPS only
+        metrics.EVALUATOR_BATCH_IMAGES.observe(sum(_image_count(work) for work in works))
         embeddings = self.scorer.image_embeddings(every)
         by_digest = {image.digest: e for image, e in zip(every, embeddings, strict=True)}
         sets = [work for work in works if isinstance(work, ScoreSet)]

@@ -16,6 +16,7 @@ from services.common.server import (
     Servicer,
     StartupRefused,
     check_free,
+    check_metrics_free,
     check_secrets,
     start_server,
 )
@@ -37,6 +38,7 @@ async def start(settings: EvaluatorSettings) -> Service:
     """The running evaluator; StartupRefused (one line naming the file or setting) when the
     port is taken, the policy is wrong, or a model file is missing."""
     check_free(settings.listen_addr)
+    check_metrics_free(settings.metrics_host, settings.metrics_port)
     check_secrets(settings)
     try:
         policy = load_policy(settings.safety_policy)
@@ -64,6 +66,8 @@ async def start(settings: EvaluatorSettings) -> Service:
             )
         ],
         settings.max_message_bytes,
+        metrics_host=settings.metrics_host,
+        metrics_port=settings.metrics_port,
         serving=False,
     )
     # The one thread torch runs on: model loading, then every scoring round.

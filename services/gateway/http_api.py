@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from services.common import metrics
 from services.common.convert import (
     STATUS_FROM_PB,
     artifact_to_pb,
@@ -53,6 +54,7 @@ from services.gateway.http_input import (
     read_body,
     resume_after,
 )
+from services.gateway.http_metrics import HttpMetrics, metrics_endpoint
 from services.gateway.jobs import JobService, Options
 from services.gateway.openapi import OPENAPI
 from services.jobs.records import CacheMode, JobRecord, Priority, Webhook
@@ -301,10 +303,14 @@ def build_app(
 
         async def sse() -> AsyncIterator[bytes]:
             event: events_pb2.JobEvent | None = first
-            while event is not None:
-                name, data = event_json(with_urls(event, jobs.objects.download_url))
-                yield f"id: {event.id}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
-                event = await anext(events, None)
+            metrics.SSE_WATCHERS.inc()
+            try:
+                while event is not None:
+                    name, data = event_json(with_urls(event, jobs.objects.download_url))
+                    yield f"id: {event.id}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                    event = await anext(events, None)
+            finally:
+                metrics.SSE_WATCHERS.dec()
 
         return StreamingResponse(
             sse(),
@@ -515,10 +521,12 @@ def build_app(
 
     generate_, read, admin = Scope.GENERATE, Scope.READ, Scope.ADMIN
     routes = [
-        # Open: the page (it asks for a key), health, and files by signed URL (the signature
-        # authorizes; without one, /files wants the owner's key).
+        # Open: the page (it asks for a key), health, metrics (Prometheus scrapes without a
+        # key), and files by signed URL (the signature authorizes; without one, /files wants
+        # the owner's key).
         Route("/", index),
         Route("/healthz", healthz),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/files/{key:path}", files, methods=["GET"]),
         Route("/files/{key:path}", put_file, methods=["PUT"]),
         Route("/api/generate/text-to-image", key(generate_, generate), methods=["POST"]),
@@ -541,6 +549,7 @@ def build_app(
     app = Starlette(
         routes=routes,
         middleware=[
+            Middleware(HttpMetrics),
             Middleware(RequestContext),
             Middleware(HostOriginGuard, hosts=hosts, origins=origins),
         ],

@@ -21,6 +21,7 @@ from imagegen.v1 import events_pb2, types_pb2
 
 from services.cache.client import CacheClient
 from services.cache.entry import CacheEntry
+from services.common import metrics
 from services.common.errors import (
     FieldViolation,
     InvalidArgument,
@@ -195,6 +196,10 @@ class JobService:
             )
         limits = Limits(caller.max_concurrent, tenant.budget_cents)
         admitted = await self._lifecycle.admit(job, idempotency, limits, tenant.weight)
+        if admitted.created:
+            answered = "off" if mode is not CacheMode.USE else "hit" if hit else "miss"
+            metrics.JOBS_ADMITTED.labels(resolved.model, answered).inc()
+            metrics.COST_CENTS.labels(resolved.model, "estimated").inc(admitted.job.cost_cents)
         return Admission(admitted.job, cost, admitted.created)
 
     def check_webhook(self, url: str, events: list[str], field: str) -> Webhook:
@@ -273,6 +278,7 @@ class JobService:
             refusal = self._moderator.check(texts)  # tens of microseconds: no thread hop
         if refusal is not None:
             log.info("prompt refused: %s in %s", refusal.category, refusal.field)
+            metrics.SAFETY_REFUSALS.labels("prompt", refusal.category).inc()
             await self._lifecycle.count_refusal(refusal.category)
             raise PolicyRefused(refusal.category, refusal.field)
 

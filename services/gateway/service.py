@@ -33,6 +33,7 @@ from services.common.server import (
     Servicer,
     StartupRefused,
     check_free,
+    check_metrics_free,
     check_secrets,
     start_server,
 )
@@ -70,6 +71,7 @@ class _HttpServer(uvicorn.Server):
 
 async def start(settings: GatewaySettings) -> Service:
     check_free(settings.listen_addr)
+    check_metrics_free(settings.metrics_host, settings.metrics_port)
     check_free(f"{settings.http_host}:{settings.http_port}")
     check_secrets(settings)
     try:
@@ -136,6 +138,8 @@ async def start(settings: GatewaySettings) -> Service:
             ),
         ],
         settings.max_message_bytes,
+        metrics_host=settings.metrics_host,
+        metrics_port=settings.metrics_port,
         interceptors=[AuthInterceptor(authenticator, scopes)],
     )
 

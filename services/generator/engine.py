@@ -31,6 +31,7 @@ from typing import Any
 
 from imagegen.v1 import events_pb2
 
+from services.common import metrics
 from services.common.models import ModelSpec, Registry
 from services.common.objectstore import ObjectStore, content_key
 from services.common.spec import Spec
@@ -203,7 +204,9 @@ class Engine:
     def _load(self, model: ModelSpec) -> Runner:
         started = time.perf_counter()
         runner = open_runner(model, self._device)
-        log.info("loaded %s in %.2fs", model.id, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.JOB_STAGE_SECONDS.labels("model_load").observe(seconds)
+        log.info("loaded %s in %.2fs", model.id, seconds)
         return runner
 
     async def _on_device(self, work: Callable[..., Any], *args: Any) -> Any:
@@ -373,22 +376,40 @@ class Engine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+# The pipeline's stages that the metrics time, under their metric names.
+_TIMED_STAGES = {"denoising": "denoise", "decoding": "decode"}
+
+
 class _Watch:
     """The BatchWatch of one batch: fans the batch's steps, stages and previews out to its
-    rows' consumers (on the device thread)."""
+    rows' consumers (on the device thread), and times its steps and stages."""
 
     def __init__(self, rows: Sequence[_Row]) -> None:
         self._rows = rows
         self._last = time.perf_counter()
+        self._stage, self._stage_started = "", self._last
+        self._step_seconds = metrics.ENGINE_STEP_SECONDS.labels(rows[0].model)
 
     def stage(self, name: str) -> None:
+        self.end_stage()
+        self._stage, self._stage_started = name, time.perf_counter()
         for row in self._rows:
             if not row.ended:
                 row.post(("stage", name))
 
+    def end_stage(self) -> None:
+        """Observes the stage in progress, if the metrics time it."""
+        timed = _TIMED_STAGES.get(self._stage)
+        if timed is not None:
+            metrics.JOB_STAGE_SECONDS.labels(timed).observe(
+                time.perf_counter() - self._stage_started
+            )
+        self._stage = ""
+
     def step(self, done: int, total: int, latents: Any) -> None:
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
+        self._step_seconds.observe(seconds)
         for i, row in enumerate(self._rows):
             if row.ended:
                 continue
@@ -409,6 +430,7 @@ class _Watch:
 def _run_batch(runner: Runner, rows: Sequence[_Row]) -> None:
     """Runs on the device thread: render the batch, encode each image, report to each row."""
     watch = _Watch(rows)
+    metrics.ENGINE_BATCH_ROWS.observe(len(rows))
     started = time.perf_counter()
     try:
         images = runner.render([row.request for row in rows], watch)
@@ -421,6 +443,7 @@ def _run_batch(runner: Runner, rows: Sequence[_Row]) -> None:
             _finish(row, ("error", error))
         return
     render_ms = (time.perf_counter() - started) * 1e3
+    watch.end_stage()
     watch.stage("encoding_png")
     for row, image in zip(rows, images, strict=True):
         if image is None or row.ended:

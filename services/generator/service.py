@@ -5,13 +5,15 @@ is NOT_SERVING while Postgres or Redis cannot be reached or no worker is alive."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import socket
 
 from imagegen.v1 import generator_service_pb2, generator_service_pb2_grpc
 
 from services.cache.client import CacheClient
-from services.common import db
+from services.common import db, metrics
 from services.common.clients import open_channel
 from services.common.events import EventLog
 from services.common.health import monitor, postgres_check, redis_check
@@ -19,18 +21,28 @@ from services.common.models import load_registry
 from services.common.objectstore import open_store
 from services.common.queue import JobQueue
 from services.common.redis import connect_redis
-from services.common.server import Service, Servicer, check_free, check_secrets, start_server
+from services.common.server import (
+    Service,
+    Servicer,
+    check_free,
+    check_metrics_free,
+    check_secrets,
+    start_server,
+)
 from services.common.settings import GeneratorSettings
 from services.common.torch_compat import prepare_torch, set_torch_threads
 from services.jobs.cancels import CancelListener
 from services.jobs.lifecycle import JobLifecycle
 from services.jobs.reconciler import reconcile_forever
 
+log = logging.getLogger("imagegen.generator")
+
 SERVICE_NAME = generator_service_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
 
 async def start(settings: GeneratorSettings) -> Service:
     check_free(settings.listen_addr)
+    check_metrics_free(settings.metrics_host, settings.metrics_port)
     check_secrets(settings)
     prepare_torch()
     set_torch_threads(settings.torch_threads, settings.model_processes)
@@ -66,6 +78,8 @@ async def start(settings: GeneratorSettings) -> Service:
             )
         ],
         settings.max_message_bytes,
+        metrics_host=settings.metrics_host,
+        metrics_port=settings.metrics_port,
         serving=False,
     )
     await engine.start()
@@ -117,6 +131,9 @@ async def start(settings: GeneratorSettings) -> Service:
         )
     supervisor.start()
     background.append(asyncio.create_task(monitor(running, checks)))
+    background.append(
+        asyncio.create_task(watch_queue(queue, stop, settings.reconcile_interval_seconds))
+    )
 
     async def stop_workers() -> None:
         # The gRPC drain, the workers and the pool share the grace period: jobs in hand get a
@@ -137,3 +154,17 @@ async def start(settings: GeneratorSettings) -> Service:
         engine.close()
 
     return Service(running, [close, stop_workers])
+
+
+async def watch_queue(queue: JobQueue, stop: asyncio.Event, interval_seconds: float) -> None:
+    """Keeps the queue gauges (jobs waiting, the oldest one's age, per lane) fresh: one cheap
+    script per interval. Every generator reports the same shared queue."""
+    while not stop.is_set():
+        try:
+            for lane, (waiting, oldest_seconds) in (await queue.lanes()).items():
+                metrics.QUEUE_WAITING.labels(lane.value).set(waiting)
+                metrics.QUEUE_OLDEST_SECONDS.labels(lane.value).set(oldest_seconds)
+        except Exception as error:  # noqa: BLE001 - the next round tries again
+            log.debug("queue gauges not refreshed: %s", error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_seconds)

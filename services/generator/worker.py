@@ -22,6 +22,7 @@ from typing import TypeVar
 from imagegen.v1 import events_pb2
 
 from services.cache.client import CacheClient
+from services.common import metrics
 from services.common.errors import InvalidArgument, NotFound
 from services.common.objectstore import ObjectStore
 from services.common.queue import Delivery, JobQueue
@@ -38,7 +39,7 @@ from services.generator.engine import (
 from services.generator.guidance import load_guidance
 from services.generator.pipeline import StepCancelled
 from services.jobs.cancels import CancelListener, CancelToken
-from services.jobs.lifecycle import JobLifecycle
+from services.jobs.lifecycle import FailureCause, JobLifecycle
 from services.jobs.records import ArtifactRecord, Attempt, CacheMode
 
 log = logging.getLogger("imagegen.worker")
@@ -110,6 +111,7 @@ class QueueWorker:
             lambda: self._lifecycle.start_attempt(job_id), f"job {job_id}: start"
         )
         if attempt is not None:
+            _observe_queue_wait(attempt)
             self.busy_with = job_id
             try:
                 await self._attempt(attempt)
@@ -130,9 +132,11 @@ class QueueWorker:
             except (StepCancelled, AttemptLost):
                 if self._abandoned:  # shutting down: another generator takes it from here
                     reason = "the generator stopped; queued again"
+                    stopped = FailureCause.INTERRUPTED
                     with contextlib.suppress(AttemptLost):
                         await self._write(
-                            attempt, lambda: self._lifecycle.retry_or_fail(attempt, reason, False)
+                            attempt,
+                            lambda: self._lifecycle.retry_or_fail(attempt, reason, False, stopped),
                         )
                 log.info("job %s attempt %d: stopped (cancelled or taken over)", *_ids(attempt))
             except Exception as error:
@@ -144,8 +148,10 @@ class QueueWorker:
                 log.exception("job %s attempt %d failed", *_ids(attempt))
                 permanent = isinstance(error, InvalidArgument | NotFound)
                 reason = f"{type(error).__name__}: {error}"
+                cause = FailureCause.INVALID if permanent else FailureCause.GENERATOR_ERROR
                 await self._write(
-                    attempt, lambda: self._lifecycle.retry_or_fail(attempt, reason, permanent)
+                    attempt,
+                    lambda: self._lifecycle.retry_or_fail(attempt, reason, permanent, cause),
                 )
             finally:
                 self._in_hand = None
@@ -164,7 +170,11 @@ class QueueWorker:
         artifacts = [stored[i] for i in range(job.spec.num_variants) if i in stored]
         if not artifacts:
             reason = "every image was withheld by the image safety policy"
-            await self._write(attempt, lambda: self._lifecycle.retry_or_fail(attempt, reason, True))
+            withheld_all = FailureCause.WITHHELD
+            await self._write(
+                attempt,
+                lambda: self._lifecycle.retry_or_fail(attempt, reason, True, withheld_all),
+            )
             return
         if not all(a.scored for a in artifacts):
             await _best_effort(self._lifecycle.stage(attempt, "evaluating"))
@@ -226,10 +236,12 @@ class QueueWorker:
                 partial(save_image, self._objects, item, attempt.job_id),
                 f"job {attempt.job_id}: store image",
             )
+            store_seconds = time.perf_counter() - started
+            metrics.JOB_STAGE_SECONDS.labels("upload").observe(store_seconds)
             timings = events_pb2.ArtifactEvent(
                 render_ms=item.render_ms,
                 encode_ms=item.encode_ms,
-                store_ms=(time.perf_counter() - started) * 1e3,
+                store_ms=store_seconds * 1e3,
             )
             await self._write(
                 attempt, partial(self._lifecycle.record_artifact, attempt, artifact, timings)
@@ -244,7 +256,9 @@ class QueueWorker:
         result = await self._evaluator.evaluate(
             [a.key for a in artifacts], spec.scoring_text(), spec.reference_key()
         )
-        evaluate_ms = (time.perf_counter() - started) * 1e3
+        evaluate_seconds = time.perf_counter() - started
+        metrics.JOB_STAGE_SECONDS.labels("evaluate").observe(evaluate_seconds)
+        evaluate_ms = evaluate_seconds * 1e3
         scored = [
             replace(
                 a,
@@ -310,6 +324,15 @@ async def _best_effort(announcement: Awaitable[None]) -> None:
     except Exception as error:
         if not is_blip(error):
             raise
+
+
+def _observe_queue_wait(attempt: Attempt) -> None:
+    """A first attempt waited from admission to its start (both the database's clock: the
+    start stamped `updated_at`); a later one's wait is not known, so not counted."""
+    job = attempt.job
+    if attempt.number == 1 and job.created_at is not None and job.updated_at is not None:
+        waited = (job.updated_at - job.created_at).total_seconds()
+        metrics.JOB_STAGE_SECONDS.labels("queue_wait").observe(max(waited, 0.0))
 
 
 def _ids(attempt: Attempt) -> tuple[str, int]:

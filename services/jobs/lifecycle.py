@@ -19,6 +19,7 @@ nothing. A job is charged only when it completes, and completes at most once.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -30,6 +31,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from imagegen.v1 import events_pb2, types_pb2
 
+from services.common import metrics
 from services.common.convert import artifact_to_pb, job_to_pb
 from services.common.errors import Conflict, NotFound, QuotaExceeded
 from services.common.events import EventLog
@@ -50,6 +52,18 @@ from services.jobs.records import (
 )
 
 log = logging.getLogger("imagegen.jobs")
+
+
+class FailureCause(enum.StrEnum):
+    """Why a job failed, as a small fixed set: the metrics' `reason` (the job's `error` keeps
+    the full text)."""
+
+    GENERATOR_ERROR = "generator_error"  # the render, a store or the evaluator failed
+    INVALID = "invalid"  # the request cannot be rendered (bad input, a model not there)
+    WITHHELD = "withheld"  # the image safety policy kept back every variant
+    INTERRUPTED = "interrupted"  # generators stopped with it in hand, its last attempt
+    GAVE_UP = "gave_up"  # its attempts ran out (workers died or lost their leases)
+
 
 CANCEL_CHANNEL = "imagegen:cancel"
 ACQUIRE_TIMEOUT_SECONDS = 5.0
@@ -279,8 +293,9 @@ class JobLifecycle:
                 job = await self._refresh(conn, row)
                 ended = None
         if ended is not None:
+            _count_end(ended, FailureCause.GAVE_UP)
+            await self._dead_letter(job_id, ended.error)  # recorded before anyone sees the end
             await self._announce_final(ended)
-            await self._dead_letter(job_id, ended.error)
             return None
         await self._announce(
             job.id,
@@ -376,6 +391,8 @@ class JobLifecycle:
             if added:
                 await _count_safety(conn, "image", category)
             await self._refresh(conn, row)
+        if added:
+            metrics.SAFETY_REFUSALS.labels("image", category).inc()
         return True
 
     async def count_refusal(self, category: str) -> None:
@@ -456,17 +473,23 @@ class JobLifecycle:
             f" RETURNING {_JOB_COLUMNS}",
         )
 
-    async def retry_or_fail(self, attempt: Attempt, reason: str, permanent: bool) -> bool:
+    async def retry_or_fail(
+        self,
+        attempt: Attempt,
+        reason: str,
+        permanent: bool,
+        cause: FailureCause = FailureCause.GENERATOR_ERROR,
+    ) -> bool:
         """After a failed attempt: back on the queue while attempts remain and retrying can
-        help, else `failed` (not charged). False when the attempt no longer held the job."""
+        help, else `failed` (not charged), counted under `cause`. False when the attempt no
+        longer held the job."""
         reason = reason[:500]
         retrying = not permanent and attempt.number < self.max_attempts
         error = events_pb2.ErrorEvent(message=reason, retrying=retrying)
         if not retrying:
-            ended = await self._end(attempt, _FAIL, reason, not permanent, error=error)
-            if ended:
-                await self._dead_letter(attempt.job_id, reason)
-            return ended
+            return await self._end(
+                attempt, _FAIL, reason, not permanent, error=error, cause=cause, dead_letter=True
+            )
         async with self._transaction() as conn:
             row = await conn.fetchrow(
                 "UPDATE jobs SET status = 'queued', stage = '', error = $3, progress_percent = 0,"
@@ -509,6 +532,7 @@ class JobLifecycle:
             job = await self._refresh(conn, row) if row is not None else None
         if job is None:
             return await self.get(job_id)
+        _count_end(job)
         if prior == JobStatus.RUNNING:
             await self._blip_tolerant(self._redis.publish(CANCEL_CHANNEL, job_id), "cancel")
         await self._announce_final(job)
@@ -616,13 +640,24 @@ class JobLifecycle:
     # Parts
 
     async def _end(
-        self, attempt: Attempt, sql: str, *args: Any, error: events_pb2.ErrorEvent | None = None
+        self,
+        attempt: Attempt,
+        sql: str,
+        *args: Any,
+        error: events_pb2.ErrorEvent | None = None,
+        cause: FailureCause | None = None,
+        dead_letter: bool = False,
     ) -> bool:
+        """Ends the attempt's job by `sql`; a job that failed for good is dead-lettered before
+        its end is announced, so whoever sees the final event finds the dead letter too."""
         async with self._transaction() as conn:
             row = await conn.fetchrow(sql, parse_job_id(attempt.job_id), attempt.number, *args)
             if row is None:
                 return False
             job = await self._refresh(conn, row)
+        _count_end(job, cause)
+        if dead_letter:
+            await self._dead_letter(job.id, job.error)
         if error is not None:
             await self._announce(job.id, error=error)
         await self._announce_final(job)
@@ -809,6 +844,18 @@ def _job(row: asyncpg.Record) -> JobRecord:
         cache_namespace=row["cache_namespace"],
         webhook=Webhook(row["webhook_url"], tuple(row["webhook_events"])),
     )
+
+
+def _count_end(job: JobRecord, cause: FailureCause | None = None) -> None:
+    """The metrics of a job that just ended (once: only the transition that ended it calls)."""
+    model = job.spec.model
+    reason = str(cause) if job.status is JobStatus.FAILED and cause is not None else ""
+    metrics.JOBS_FINISHED.labels(model, job.status.value, reason).inc()
+    if job.created_at is not None and job.updated_at is not None:
+        seconds = (job.updated_at - job.created_at).total_seconds()
+        metrics.JOB_SECONDS.labels(model, job.status.value).observe(max(seconds, 0.0))
+    if job.status is JobStatus.COMPLETED:
+        metrics.COST_CENTS.labels(model, "actual").inc(job.cost_cents)
 
 
 async def _check_limits(conn: asyncpg.Connection, job: JobRecord, limits: Limits) -> None:
