@@ -52,6 +52,8 @@ async def start(settings: CacheSettings) -> Service:
     )
 
     async def stop_health() -> None:
+        # Awaited, so that a ping it had in flight lets go of its connection before Redis closes.
         health.cancel()
+        await asyncio.gather(health, return_exceptions=True)
 
     return Service(running, [pool.close, redis.aclose, stop_health])

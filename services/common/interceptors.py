@@ -46,8 +46,15 @@ async def _abort(
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id, logs each call, and maps exceptions to statuses."""
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps the behaviour of unary and server-streaming handlers:
+    subclasses say how (`wrap_unary`, `wrap_stream`; unchanged by default)."""
+
+    def wrap_unary(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
+        return behaviour
+
+    def wrap_stream(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
+        return behaviour
 
     async def intercept_service(
         self,
@@ -58,12 +65,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap_unary(method, handler.unary_unary))
+            wrapped = self.wrap_unary(handler_call_details, handler.unary_unary)
+            return handler._replace(unary_unary=wrapped)
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_wrap_stream(method, handler.unary_stream))
+            wrapped = self.wrap_stream(handler_call_details, handler.unary_stream)
+            return handler._replace(unary_stream=wrapped)
         return handler
+
+
+class ErrorInterceptor(HandlerInterceptor):
+    """Sets the request id, logs each call, and maps exceptions to statuses."""
+
+    def wrap_unary(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
+        return _wrap_unary(call.method, behaviour)
+
+    def wrap_stream(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
+        return _wrap_stream(call.method, behaviour)
 
 
 def _wrap_unary(method: str, behaviour: Any) -> Any:
@@ -119,24 +137,15 @@ def _ended_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseExceptio
     return grpc.StatusCode.OK.name
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(HandlerInterceptor):
     """Counts each call by the status it ended with, times it (a stream: to its last message)
     and keeps the calls in flight. Outermost, so the error interceptor has mapped the error."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        names = _names(handler_call_details.method)
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_measure_unary(names, handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_measure_stream(names, handler.unary_stream))
-        return handler
+    def wrap_unary(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
+        return _measure_unary(_names(call.method), behaviour)
+
+    def wrap_stream(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
+        return _measure_stream(_names(call.method), behaviour)
 
 
 def _record(names: tuple[str, str], started: float, code: str) -> None:

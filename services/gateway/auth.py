@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
 
 from services.common.errors import DisallowedHost, Forbidden, ServiceError, Unauthenticated
+from services.common.interceptors import HandlerInterceptor
 from services.gateway.http_input import error_response
 from services.tenants.keys import Caller, KeyStore, Scope
 
@@ -65,44 +66,50 @@ class Authenticator:
 # gRPC
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(HandlerInterceptor):
     """Authenticates every call of the methods in `scopes` (full method name -> scope)."""
 
     def __init__(self, authenticator: Authenticator, scopes: dict[str, Scope]) -> None:
         self._auth = authenticator
         self._scopes = scopes
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        scope = self._scopes.get(handler_call_details.method)
-        if handler is None or scope is None:
-            return handler
+    def _authenticate(self, call: grpc.HandlerCallDetails) -> Callable[[], Awaitable[None]] | None:
+        """What puts the call's Caller in place; None for methods that need no key."""
+        scope = self._scopes.get(call.method)
+        if scope is None:
+            return None
         authorization = ""
-        for key, value in handler_call_details.invocation_metadata or ():
+        for key, value in call.invocation_metadata or ():
             if key == "authorization" and isinstance(value, str):
                 authorization = value
-        if handler.unary_unary is not None:
-            behaviour = handler.unary_unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                _caller.set(await self._auth.caller(authorization, scope))
-                return await behaviour(request, context)
+        async def authenticate() -> None:
+            _caller.set(await self._auth.caller(authorization, scope))
 
-            return handler._replace(unary_unary=unary)
-        if handler.unary_stream is not None:
-            stream = handler.unary_stream
+        return authenticate
 
-            async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                _caller.set(await self._auth.caller(authorization, scope))
-                async for response in stream(request, context):
-                    yield response
+    def wrap_unary(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
+        authenticate = self._authenticate(call)
+        if authenticate is None:
+            return behaviour
 
-            return handler._replace(unary_stream=streaming)
-        return handler
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await authenticate()
+            return await behaviour(request, context)
+
+        return unary
+
+    def wrap_stream(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
+        authenticate = self._authenticate(call)
+        if authenticate is None:
+            return behaviour
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await authenticate()
+            async for response in behaviour(request, context):
+                yield response
+
+        return streaming
 
 
 def method_scopes(

@@ -213,6 +213,7 @@ async def start(settings: GatewaySettings) -> Service:
         http.should_exit = True
         await http_task
         health.cancel()
+        await asyncio.gather(health, return_exceptions=True)
 
     async def stop_background_tasks() -> None:
         stop_background.set()
