@@ -56,11 +56,6 @@ class Authenticator:
             raise Unauthenticated("a valid API key is required: Authorization: Bearer <key>")
         return require(await self._keys.authenticate(key.strip()), scope)
 
-    async def optional(self, authorization: str | None) -> Caller | None:
-        """The caller when a key was given (any scope), None when none was."""
-        if not authorization:
-            return None
-        return await self.caller(authorization, Scope.READ)
 
 
 # gRPC
