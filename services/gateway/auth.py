@@ -57,7 +57,6 @@ class Authenticator:
         return require(await self._keys.authenticate(key.strip()), scope)
 
 
-
 # gRPC
 
 
