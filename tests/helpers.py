@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import os
 import uuid
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
 from imagegen.v1 import image_service_pb2, image_service_pb2_grpc, types_pb2
+from PIL import Image
 
 from services.common import db
 from services.common.objectstore import open_store
@@ -31,6 +34,13 @@ def violations(error: grpc.aio.AioRpcError) -> list[str]:
         if detail.Unpack(bad_request):
             fields += [v.field for v in bad_request.field_violations]
     return fields
+
+
+def png_bytes(size: int = 32) -> bytes:
+    """A small PNG of random pixels (its bytes, and so its key, differ per call)."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (size, size), os.urandom(size * size * 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 async def stored_upload(

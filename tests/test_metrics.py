@@ -20,8 +20,9 @@ from imagegen.v1 import image_service_pb2, image_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.server import PortInUse
-from services.common.settings import CacheSettings
+from services.common.settings import CacheSettings, CommonSettings
 from tests.conftest import Mesh, ServiceEnv, start_in_process
+from tests.helpers import png_bytes, stored_upload
 
 WAIT = 30.0
 Samples = list[tuple[str, dict[str, str], float]]
@@ -83,20 +84,32 @@ async def final_status(http: httpx.AsyncClient, mesh: Mesh, run_id: str) -> str:
 
 
 async def test_jobs_over_http_move_the_counters_every_service_serves(
-    mesh: Mesh, http: httpx.AsyncClient
+    mesh: Mesh, http: httpx.AsyncClient, env: ServiceEnv
 ) -> None:
     ports = {name: service.metrics_port for name, service in mesh.services.items()}
     assert all(port > 0 for port in ports.values()), ports
     gateway_metrics = f"{mesh.http_url}/metrics"
     before = await scrape(gateway_metrics)
 
-    # One that renders, the same request again (a cache hit), a slow one and one queued
-    # behind it, both cancelled (the second while queued), and a bad gRPC CreateJob.
+    # One that renders, the same request again (a cache hit), one that fails (its reference
+    # image disappears after admission: no retry can help), a slow one and one queued behind
+    # it, both cancelled (the second while queued), and a bad gRPC CreateJob.
     request = body(f"a lighthouse {uuid.uuid4()}")
     first = await generate(http, mesh, request)
     assert await final_status(http, mesh, first["run_id"]) == "completed"
     again = await generate(http, mesh, request)
     assert again["cached_hit"] is True
+    key = await stored_upload(env, png_bytes())
+    guided = body(
+        f"a guided lamp {uuid.uuid4()}",
+        width=256,
+        height=256,
+        steps=60,
+        guidance_images=[{"key": key, "role": "reference"}],
+    )
+    doomed = await generate(http, mesh, guided)
+    (env.settings(CommonSettings).objects_root() / key).unlink()
+    assert await final_status(http, mesh, doomed["run_id"]) == "failed"
     slow = await generate(
         http, mesh, body(f"a slow harbour {uuid.uuid4()}", width=512, height=512, steps=100)
     )
@@ -114,13 +127,15 @@ async def test_jobs_over_http_move_the_counters_every_service_serves(
 
     after = await scrape(gateway_metrics)
     assert delta(before, after, "imagegen_jobs_admitted_total", cache="hit") == 1
-    assert delta(before, after, "imagegen_jobs_admitted_total", cache="miss") == 3
+    assert delta(before, after, "imagegen_jobs_admitted_total", cache="miss") == 4
     finished = "imagegen_jobs_finished_total"
     assert delta(before, after, finished, status="completed", reason="") == 1
+    assert delta(before, after, finished, status="failed", reason="invalid") == 1
+    assert delta(before, after, finished, status="failed") == 1
     assert delta(before, after, finished, status="cancelled") == 2
-    assert delta(before, after, "imagegen_job_duration_seconds_count") == 3
+    assert delta(before, after, "imagegen_job_duration_seconds_count") == 4
     assert delta(before, after, "imagegen_cache_lookups_total", result="hit_seed_aware") == 1
-    assert delta(before, after, "imagegen_cache_lookups_total", result="miss") == 3
+    assert delta(before, after, "imagegen_cache_lookups_total", result="miss") == 4
     assert delta(before, after, "imagegen_job_stage_seconds_count", stage="queue_wait") >= 1
     assert delta(before, after, "imagegen_job_stage_seconds_count", stage="denoise") >= 1
     assert delta(before, after, "imagegen_job_stage_seconds_count", stage="evaluate") == 1
@@ -129,17 +144,17 @@ async def test_jobs_over_http_move_the_counters_every_service_serves(
     assert delta(before, after, "imagegen_cost_cents_total", kind="estimated") >= 1
 
     lookup = {"grpc_service": "imagegen.v1.CacheService", "grpc_method": "Lookup"}
-    assert delta(before, after, "imagegen_grpc_server_handled_total", grpc_code="OK", **lookup) == 4
-    assert delta(before, after, "imagegen_grpc_client_handled_total", grpc_code="OK", **lookup) == 4
+    assert delta(before, after, "imagegen_grpc_server_handled_total", grpc_code="OK", **lookup) == 5
+    assert delta(before, after, "imagegen_grpc_client_handled_total", grpc_code="OK", **lookup) == 5
     create = {"grpc_service": "imagegen.v1.ImageService", "grpc_method": "CreateJob"}
     handled = "imagegen_grpc_server_handled_total"
     assert delta(before, after, handled, grpc_code="INVALID_ARGUMENT", **create) == 1
     assert value(after, "imagegen_grpc_server_in_flight", **create) == 0
 
     generate_route = {"route": "/api/generate/text-to-image", "method": "POST"}
-    assert delta(before, after, "imagegen_http_requests_total", status="201", **generate_route) == 4
+    assert delta(before, after, "imagegen_http_requests_total", status="201", **generate_route) == 5
     stream_route = {"route": "/api/status/stream/{run_id}", "method": "GET"}
-    assert delta(before, after, "imagegen_http_request_seconds_count", **stream_route) == 1
+    assert delta(before, after, "imagegen_http_request_seconds_count", **stream_route) == 2
     assert value(after, "imagegen_sse_watchers") == 0
     assert value(after, "process_resident_memory_bytes") > 0
 

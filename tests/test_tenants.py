@@ -41,7 +41,9 @@ from tests.helpers import run_to_end, violations
 WAIT = 60.0
 # Every HTTP route of the gateway, and what it needs. A route added to the app and not here
 # fails test_the_route_table_is_the_one_listed_here.
-OPEN_ROUTES = {("GET", "/"), ("GET", "/healthz"), ("GET", "/metrics")}
+OPEN_ROUTES = {("GET", "/"), ("GET", "/admin"), ("GET", "/healthz"), ("GET", "/metrics")}
+# The pages' scripts and the vendored charting library, open as the pages are: a path in it.
+ASSET_ROUTES = {("GET", "/static/{path:path}"): "/static/admin.js"}
 KEYED_ROUTES = {
     ("POST", "/api/generate/text-to-image"),
     ("GET", "/api/status/stream/{run_id}"),
@@ -55,6 +57,7 @@ KEYED_ROUTES = {
     ("POST", "/api/evaluate"),
     ("GET", "/api/admin/safety"),
     ("GET", "/api/admin/queue"),
+    ("GET", "/api/admin/stats"),
     ("GET", "/openapi.json"),
 }
 # Authorized by their URL's signature (or, for GET, the owner's key).
@@ -129,8 +132,9 @@ async def test_without_a_key_every_route_is_401_but_health_and_the_page(mesh: Me
             assert answer.status_code == 401, (method, path, answer.status_code)
             assert answer.json()["error"]["code"] == "UNAUTHENTICATED"
             assert answer.headers["www-authenticate"].startswith("Bearer")
-        for method, path in OPEN_ROUTES:
-            assert (await http.request(method, path)).status_code == 200, path
+        for method, path in [*OPEN_ROUTES, *ASSET_ROUTES]:
+            concrete = ASSET_ROUTES.get((method, path), path)
+            assert (await http.request(method, concrete)).status_code == 200, path
         wrong = await http.get("/api/jobs", headers=bearer("igk_" + "x" * 40))
         assert wrong.status_code == 401
         malformed = await http.get("/api/jobs", headers={"Authorization": "Basic abc"})
@@ -143,14 +147,14 @@ def test_the_app_has_no_route_outside_the_lists() -> None:
     from services.gateway.http_api import build_app
 
     # The app the gateway serves; building it calls nothing of what it is given.
-    app = build_app(cast(Any, None), cast(Any, None), [], [])
+    app = build_app(cast(Any, None), cast(Any, None), [], [], cast(Any, None))
     served = {
         (method, route.path)
         for route in app.routes
         if isinstance(route, Route)
         for method in (route.methods or set()) - {"HEAD"}
     }
-    assert served == OPEN_ROUTES | KEYED_ROUTES | SIGNED_ROUTES
+    assert served == OPEN_ROUTES | set(ASSET_ROUTES) | KEYED_ROUTES | SIGNED_ROUTES
 
 
 async def test_without_a_key_every_rpc_is_unauthenticated_but_health(mesh: Mesh) -> None:

@@ -6,5 +6,5 @@ from services.common.server import run
 from services.common.settings import CacheSettings
 
 settings = CacheSettings()
-setup_logging("cache", settings.log_level)
+setup_logging("cache", settings.log_level, settings.log_format)
 run(lambda: start(settings), settings.grace_seconds)

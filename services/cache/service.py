@@ -17,8 +17,8 @@ from services.common.server import (
     Service,
     Servicer,
     check_free,
-    check_metrics_free,
     check_secrets,
+    prepare_observability,
     start_server,
 )
 from services.common.settings import CacheSettings
@@ -28,7 +28,7 @@ SERVICE_NAME = cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].ful
 
 async def start(settings: CacheSettings) -> Service:
     check_free(settings.listen_addr)
-    check_metrics_free(settings.metrics_host, settings.metrics_port)
+    prepare_observability("cache", settings.metrics_host, settings.metrics_port)
     check_secrets(settings)
     pool = await db.connect(settings.database_url)
     redis = connect_redis(settings.redis_url)
@@ -36,6 +36,7 @@ async def start(settings: CacheSettings) -> Service:
     cache = PromptCache(pool, redis, registry, settings.cache_ttl_seconds)
     servicer = CacheServicer(cache, registry)
     running = await start_server(
+        "cache",
         settings.listen_addr,
         [
             Servicer(

@@ -262,12 +262,18 @@ class _UnaryStreamMetadata(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(_with_header(details, self._header()), request)
 
 
-def _with_header(details: Any, header: tuple[str, str] | None) -> Any:
-    if header is None:
+def with_metadata(details: Any, *headers: tuple[str, str]) -> Any:
+    """A client call's details with `headers` added to its metadata."""
+    if not headers:
         return details
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    metadata.add(*header)
+    for key, value in headers:
+        metadata.add(key, value)
     return details._replace(metadata=metadata)
+
+
+def _with_header(details: Any, header: tuple[str, str] | None) -> Any:
+    return details if header is None else with_metadata(details, header)
 
 
 def _metadata_interceptors(header: Callable[[], tuple[str, str] | None]) -> list[ClientInterceptor]:

@@ -160,6 +160,20 @@ SAFETY_REFUSALS = Counter(
 )
 
 
+_collecting = True
+
+
+def set_collecting(on: bool) -> None:
+    """Whether this process's services install the metric interceptors and middleware (a
+    service started with the metrics port off turns them off: one service per process)."""
+    global _collecting
+    _collecting = on
+
+
+def collecting() -> bool:
+    return _collecting
+
+
 # The metrics servers this process started: (host, port asked for) -> the port bound.
 _serving: dict[tuple[str, int], int] = {}
 _serving_lock = threading.Lock()

@@ -22,9 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.interceptors import ErrorInterceptor, MetricsInterceptor
 from services.common.settings import CommonSettings
+from services.common.tracing import TracingInterceptor
 
 log = logging.getLogger("imagegen.server")
 
@@ -80,6 +81,18 @@ def check_metrics_free(host: str, port: int) -> None:
         check_free(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
 
+def prepare_observability(service: str, metrics_host: str, metrics_port: int) -> None:
+    """Before a service starts anything: its metrics port is free; metrics are collected unless
+    turned off (port -1: no metric interceptors or middleware); tracing is set up from the
+    OTEL_* variables (a bad one refuses the start, naming it)."""
+    check_metrics_free(metrics_host, metrics_port)
+    metrics.set_collecting(metrics_port >= 0)
+    try:
+        tracing.configure(service)
+    except tracing.TracingConfigError as error:
+        raise StartupRefused(str(error)) from None
+
+
 def serve_metrics(host: str, port: int) -> int:
     """Starts (once per process and port) the metrics HTTP server; its port, 0 when off."""
     try:
@@ -124,6 +137,7 @@ class RunningServer:
 
 
 async def start_server(
+    service: str,
     addr: str,
     servicers: Sequence[Servicer],
     max_message_bytes: int,
@@ -143,8 +157,14 @@ async def start_server(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    # Tracing outermost, then metrics: both see the status a call ends with.
+    observing: list[grpc.aio.ServerInterceptor] = []
+    if tracing.enabled():
+        observing.append(TracingInterceptor(service))
+    if metrics.collecting():
+        observing.append(MetricsInterceptor())
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(), ErrorInterceptor(), *interceptors], options=options
+        interceptors=[*observing, ErrorInterceptor(), *interceptors], options=options
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -238,6 +258,7 @@ def run(start: Callable[[], Awaitable[Service]], grace: float) -> None:
         # keep the process: past this, every thread's stack goes to stderr and it exits 1.
         faulthandler.dump_traceback_later(grace + SHUTDOWN_WATCHDOG_SLACK_SECONDS, exit=True)
         await service.stop(grace)
+        tracing.flush()  # the spans still buffered go out before the process does
         log.info("stopped")
         # Stopped: the stores are closed and nothing is in flight. The interpreter's teardown
         # (joining the default executor's and libraries' threads) is skipped: it adds nothing

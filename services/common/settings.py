@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +23,8 @@ class CommonSettings(BaseSettings):
 
     data_dir: Path = Path(".data")
     log_level: str = "INFO"
+    # One JSON object per line (with request, job and trace ids), or "text" for a terminal.
+    log_format: Literal["json", "text"] = "json"
     # Set by `make run` (services.mesh) and the tests: the embedded default on one machine. Out
     # of it a service refuses to start with a placeholder URL signing key.
     embedded: bool = False

@@ -6,5 +6,5 @@ from services.common.settings import EvaluatorSettings
 from services.evaluator.service import start
 
 settings = EvaluatorSettings()
-setup_logging("evaluator", settings.log_level)
+setup_logging("evaluator", settings.log_level, settings.log_format)
 run(lambda: start(settings), settings.grace_seconds)

@@ -16,8 +16,8 @@ from services.common.server import (
     Servicer,
     StartupRefused,
     check_free,
-    check_metrics_free,
     check_secrets,
+    prepare_observability,
     start_server,
 )
 from services.common.settings import EvaluatorSettings
@@ -38,7 +38,7 @@ async def start(settings: EvaluatorSettings) -> Service:
     """The running evaluator; StartupRefused (one line naming the file or setting) when the
     port is taken, the policy is wrong, or a model file is missing."""
     check_free(settings.listen_addr)
-    check_metrics_free(settings.metrics_host, settings.metrics_port)
+    prepare_observability("evaluator", settings.metrics_host, settings.metrics_port)
     check_secrets(settings)
     try:
         policy = load_policy(settings.safety_policy)
@@ -56,6 +56,7 @@ async def start(settings: EvaluatorSettings) -> Service:
 
     servicer = EvaluatorServicer()
     running = await start_server(
+        "evaluator",
         settings.listen_addr,
         [
             Servicer(

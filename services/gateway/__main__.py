@@ -15,5 +15,5 @@ from services.common.server import run
 from services.gateway.service import start
 
 settings = GatewaySettings()
-setup_logging("gateway", settings.log_level)
+setup_logging("gateway", settings.log_level, settings.log_format)
 run(lambda: start(settings), settings.grace_seconds)

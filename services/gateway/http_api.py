@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from google.protobuf import json_format
 from imagegen.v1 import events_pb2, types_pb2
 from starlette.applications import Starlette
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.convert import (
     STATUS_FROM_PB,
     artifact_to_pb,
@@ -34,6 +35,7 @@ from services.common.convert import (
 from services.common.errors import FieldViolation, Forbidden, InvalidArgument, NotFound
 from services.common.objectstore import LocalStore
 from services.common.spec import ControlNet, GuidanceImage, Spec, json_path
+from services.gateway.admin import AdminStats, admin_page, static_file, stats_endpoint
 from services.gateway.auth import (
     Authenticator,
     HostOriginGuard,
@@ -54,7 +56,7 @@ from services.gateway.http_input import (
     read_body,
     resume_after,
 )
-from services.gateway.http_metrics import HttpMetrics, metrics_endpoint
+from services.gateway.http_metrics import HttpMetrics, HttpTracing, metrics_endpoint
 from services.gateway.jobs import JobService, Options
 from services.gateway.openapi import OPENAPI
 from services.jobs.records import CacheMode, JobRecord, Priority, Webhook
@@ -269,7 +271,10 @@ def build_app(
     authenticator: Authenticator,
     hosts: list[str],
     origins: list[str],
+    pool: asyncpg.Pool,
 ) -> Starlette:
+    admin_stats = AdminStats(pool)
+
     def signed(job: JobRecord | types_pb2.Job) -> types_pb2.Job:
         return signed_job(job, jobs.objects.download_url)
 
@@ -521,10 +526,12 @@ def build_app(
 
     generate_, read, admin = Scope.GENERATE, Scope.READ, Scope.ADMIN
     routes = [
-        # Open: the page (it asks for a key), health, metrics (Prometheus scrapes without a
-        # key), and files by signed URL (the signature authorizes; without one, /files wants
-        # the owner's key).
+        # Open: the pages (they ask for a key) and their scripts, health, metrics (Prometheus
+        # scrapes without a key), and files by signed URL (the signature authorizes; without
+        # one, /files wants the owner's key).
         Route("/", index),
+        Route("/admin", admin_page),
+        Route("/static/{path:path}", static_file, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/files/{key:path}", files, methods=["GET"]),
@@ -541,6 +548,7 @@ def build_app(
         Route("/api/evaluate", key(generate_, evaluate), methods=["POST"]),
         Route("/api/admin/safety", key(admin, safety)),
         Route("/api/admin/queue", key(admin, queue)),
+        Route("/api/admin/stats", key(admin, stats_endpoint(admin_stats))),
         Route("/openapi.json", key(read, openapi)),
     ]
     # Errors of every kind, from every route and from the router itself (unknown route, wrong
@@ -549,7 +557,8 @@ def build_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(HttpMetrics),
+            *([Middleware(HttpTracing)] if tracing.enabled() else []),
+            *([Middleware(HttpMetrics)] if metrics.collecting() else []),
             Middleware(RequestContext),
             Middleware(HostOriginGuard, hosts=hosts, origins=origins),
         ],

@@ -21,7 +21,7 @@ from imagegen.v1 import events_pb2, types_pb2
 
 from services.cache.client import CacheClient
 from services.cache.entry import CacheEntry
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.errors import (
     FieldViolation,
     InvalidArgument,
@@ -30,6 +30,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.events import EventLog, check_event_id
+from services.common.logs import job_id as current_job
 from services.common.models import ModelSpec, Registry
 from services.common.objectstore import ObjectStore
 from services.common.queue import JobQueue
@@ -177,6 +178,9 @@ class JobService:
             priority=options.priority,
             cache_namespace=namespace,
             webhook=webhook,
+            estimated_cents=cost.total_cents,
+            cache_result="miss" if mode is CacheMode.USE else "off",
+            trace_parent=tracing.traceparent(),
         )
         hit = None
         if mode is CacheMode.USE:
@@ -190,12 +194,14 @@ class JobService:
                 progress_percent=100.0,
                 cost_cents=0,
                 cache_hit=True,
+                cache_result="hit_seed" if hit.key == key else "hit_seedless",
                 spec=replace(resolved, seed=hit.seed),
                 cache_key=hit.key,
                 artifacts=[replace(a, id=str(uuid.uuid4()), job_id=job.id) for a in hit.artifacts],
             )
         limits = Limits(caller.max_concurrent, tenant.budget_cents)
         admitted = await self._lifecycle.admit(job, idempotency, limits, tenant.weight)
+        current_job.set(admitted.job.id)  # the rest of this call's log lines name it
         if admitted.created:
             answered = "off" if mode is not CacheMode.USE else "hit" if hit else "miss"
             metrics.JOBS_ADMITTED.labels(resolved.model, answered).inc()
@@ -325,6 +331,7 @@ class JobService:
 
     async def get(self, caller: Caller, job_id: str) -> types_pb2.Job:
         """The job's snapshot: what a status read returns, without URLs."""
+        current_job.set(job_id)
         return await self._lifecycle.snapshot(job_id, caller.tenant)
 
     async def list(
@@ -347,6 +354,7 @@ class JobService:
 
     async def cancel(self, caller: Caller, job_id: str) -> JobRecord:
         """A queued or running job ends cancelled at once; its worker stops at its next step."""
+        current_job.set(job_id)
         return await self._lifecycle.cancel(job_id, caller.tenant)
 
     async def watch(
@@ -354,6 +362,7 @@ class JobService:
     ) -> AsyncIterator[events_pb2.JobEvent]:
         """Events after `after_event_id`, then live ones, ending with the final event. When the
         event stream was lost (Redis restarted empty), the record supplies the final event."""
+        current_job.set(job_id)
         after = check_event_id(after_event_id, "after_event_id")
         # NotFound (another tenant's job too) before the stream starts.
         job = await self._lifecycle.snapshot(job_id, caller.tenant)

@@ -143,6 +143,78 @@ OPENAPI: dict[str, Any] = {
                 "{backlog, claimed, waiting_by_tenant}",
             )
         },
+        "/api/admin/stats": {
+            "get": _op(
+                "The admin dashboard's data (admin), from the jobs in Postgres: every gateway's,"
+                " across restarts. Per bucket (aligned to the epoch; the first and last may"
+                " reach outside the range): jobs admitted and cache results by creation time;"
+                " jobs rendered, answered from the cache, failed by reason and cancelled, and"
+                " cents estimated and charged, by end time; the queue's peak and end depth."
+                " Over the range: duration histograms (end to end and per stage) with"
+                " p50/p95/p99, per-model usage, and refusals (counted per day)",
+                "{from, to, bucket_seconds, buckets[], totals{admitted, completed, rendered,"
+                " cache_hits, cache_lookups, hit_ratio, failed, failed_by_reason{}, cancelled,"
+                " throughput_per_minute, estimated_cents, actual_cents, queue_peak},"
+                " jobs{admitted[], rendered[], cache_hits[], failed{reason: []}, cancelled[],"
+                " throughput_per_minute[]}, cache{hit_seed[], hit_seedless[], miss[], off[],"
+                " hit_ratio[]}, queue{depth_peak[], depth_end[]}, cost{estimated_cents[],"
+                " actual_cents[]}, durations{bounds_seconds[], end_to_end, end_to_end_all,"
+                " stages{name: histogram}}, models[{model, jobs, images, rendered, cache_hits,"
+                " failed, cancelled, charged_cents}], refusals{from_day, to_day,"
+                " by_category[{kind, category, count}], daily[{day, kind, category, count}]}};"
+                " a histogram is {count, sum_seconds, p50, p95, p99, counts[]}, counts[i]"
+                " holding the samples in [bounds_seconds[i-1], bounds_seconds[i])",
+                parameters=[
+                    {
+                        "name": "from",
+                        "in": "query",
+                        "required": False,
+                        "description": "RFC 3339 time with an offset; default: an hour before"
+                        " `to`; at most 366 days before it",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                    {
+                        "name": "to",
+                        "in": "query",
+                        "required": False,
+                        "description": "RFC 3339 time with an offset, excluded; default: now",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                    {
+                        "name": "bucket",
+                        "in": "query",
+                        "required": False,
+                        "description": "bucket size in seconds; default: a round size giving"
+                        " at most 60 buckets; at most 1000 buckets over the range",
+                        "schema": {"type": "integer", "minimum": 1},
+                    },
+                ],
+            )
+        },
+        "/admin": {
+            "get": {
+                "summary": "The admin dashboard page (open: it asks for an admin key)",
+                "security": [],
+                "responses": {"200": {"description": "text/html"}},
+            }
+        },
+        "/static/{path}": {
+            "get": {
+                "summary": "The pages' scripts and the vendored Chart.js (vendor/: cached for"
+                " a year, its folder names carry its version)",
+                "security": [],
+                "parameters": [
+                    {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {"description": "text/javascript or text/css"},
+                    "404": {
+                        "description": "no such file",
+                        "content": {"application/json": {"schema": _ERROR}},
+                    },
+                },
+            }
+        },
         "/api/uploads/presign": {
             "post": _op(
                 "Presign the upload of a guidance image ({content_type, sha256, size_bytes})",

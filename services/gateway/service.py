@@ -33,8 +33,8 @@ from services.common.server import (
     Servicer,
     StartupRefused,
     check_free,
-    check_metrics_free,
     check_secrets,
+    prepare_observability,
     start_server,
 )
 from services.common.settings import GatewaySettings
@@ -71,7 +71,7 @@ class _HttpServer(uvicorn.Server):
 
 async def start(settings: GatewaySettings) -> Service:
     check_free(settings.listen_addr)
-    check_metrics_free(settings.metrics_host, settings.metrics_port)
+    prepare_observability("gateway", settings.metrics_host, settings.metrics_port)
     check_free(f"{settings.http_host}:{settings.http_port}")
     check_secrets(settings)
     try:
@@ -126,6 +126,7 @@ async def start(settings: GatewaySettings) -> Service:
         generate=("CreateJob", "CancelJob", "EvaluateImages"),
     )
     running = await start_server(
+        "gateway",
         settings.listen_addr,
         [
             Servicer(
@@ -196,6 +197,7 @@ async def start(settings: GatewaySettings) -> Service:
                 authenticator,
                 allowed_hosts(settings.allowed_hosts, settings.public_base_url),
                 allowed_origins(settings.allowed_origins, settings.public_base_url),
+                pool,
             ),
             log_level="warning",
             lifespan="off",

@@ -6,5 +6,5 @@ from services.common.settings import GeneratorSettings
 from services.generator.service import start
 
 settings = GeneratorSettings()
-setup_logging("generator", settings.log_level)
+setup_logging("generator", settings.log_level, settings.log_format)
 run(lambda: start(settings), settings.grace_seconds)

@@ -25,8 +25,8 @@ from services.common.server import (
     Service,
     Servicer,
     check_free,
-    check_metrics_free,
     check_secrets,
+    prepare_observability,
     start_server,
 )
 from services.common.settings import GeneratorSettings
@@ -42,7 +42,7 @@ SERVICE_NAME = generator_service_pb2.DESCRIPTOR.services_by_name["GeneratorServi
 
 async def start(settings: GeneratorSettings) -> Service:
     check_free(settings.listen_addr)
-    check_metrics_free(settings.metrics_host, settings.metrics_port)
+    prepare_observability("generator", settings.metrics_host, settings.metrics_port)
     check_secrets(settings)
     prepare_torch()
     set_torch_threads(settings.torch_threads, settings.model_processes)
@@ -68,6 +68,7 @@ async def start(settings: GeneratorSettings) -> Service:
     evaluator = EvaluatorClient(channels[0])
     servicer = GeneratorServicer(engine, registry, objects, evaluator)
     running = await start_server(
+        "generator",
         settings.listen_addr,
         [
             Servicer(

@@ -14,16 +14,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
 from imagegen.v1 import events_pb2
+from opentelemetry.trace import SpanKind
 
 from services.cache.client import CacheClient
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.errors import InvalidArgument, NotFound
+from services.common.logs import job_id as current_job
 from services.common.objectstore import ObjectStore
 from services.common.queue import Delivery, JobQueue
 from services.common.retry import is_blip, through_blips
@@ -74,6 +76,7 @@ class QueueWorker:
         self.consumer = consumer
         self.busy_with = ""
         self._in_hand: CancelToken | None = None
+        self._stages = tracing.Stages("generator")
         self._abandoned = False
 
     def abandon(self) -> None:
@@ -107,16 +110,21 @@ class QueueWorker:
 
     async def process(self, delivery: Delivery) -> None:
         job_id = delivery.job_id
-        attempt = await through_blips(
-            lambda: self._lifecycle.start_attempt(job_id), f"job {job_id}: start"
-        )
-        if attempt is not None:
-            _observe_queue_wait(attempt)
-            self.busy_with = job_id
-            try:
-                await self._attempt(attempt)
-            finally:
-                self.busy_with = ""
+        named = current_job.set(job_id)
+        try:
+            attempt = await through_blips(
+                lambda: self._lifecycle.start_attempt(job_id), f"job {job_id}: start"
+            )
+            if attempt is not None:
+                _observe_queue_wait(attempt)
+                self.busy_with = job_id
+                try:
+                    with _traced(attempt):
+                        await self._attempt(attempt)
+                finally:
+                    self.busy_with = ""
+        finally:
+            current_job.reset(named)
         # Done with the entry: the job ended, waits in the queue again under a new entry, or
         # was not this entry's to run (a duplicate, or another worker holds it).
         await through_blips(lambda: self._queue.ack(delivery), f"job {job_id}: ack")
@@ -124,6 +132,7 @@ class QueueWorker:
     async def _attempt(self, attempt: Attempt) -> None:
         with self._cancels.track(attempt.job_id) as token:
             self._in_hand = token
+            self._stages = tracing.Stages("generator")
             if self._abandoned:
                 token.set()
             keeper = asyncio.create_task(self._keep_lease(attempt, token))
@@ -155,6 +164,7 @@ class QueueWorker:
                 )
             finally:
                 self._in_hand = None
+                self._stages.close()
                 token.set()  # stops a render still in flight
                 keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -177,7 +187,7 @@ class QueueWorker:
             )
             return
         if not all(a.scored for a in artifacts):
-            await _best_effort(self._lifecycle.stage(attempt, "evaluating"))
+            await self._stage(attempt, "evaluating")
             artifacts = await self._until_cancelled(self._evaluate(attempt, artifacts), token)
         if withheld:
             log.info("job %s: not cached, %d variant(s) withheld", job.id, len(withheld))
@@ -187,6 +197,7 @@ class QueueWorker:
             except Exception:  # the images are safe; only their reuse is lost
                 log.warning("job %s: cache store failed", job.id, exc_info=True)
         await self._write(attempt, lambda: self._lifecycle.complete(attempt))
+        log.info("job %s attempt %d: completed, %d image(s)", *_ids(attempt), len(artifacts))
 
     async def _render(
         self,
@@ -211,7 +222,7 @@ class QueueWorker:
                 continue
             if isinstance(item, Stage):
                 uploading = False  # a later batch of the job's variants
-                await _best_effort(self._lifecycle.stage(attempt, item.name))
+                await self._stage(attempt, item.name)
                 continue
             if isinstance(item, Preview):
                 preview = events_pb2.PreviewEvent(
@@ -221,7 +232,7 @@ class QueueWorker:
                 continue
             if not uploading:
                 uploading = True
-                await _best_effort(self._lifecycle.stage(attempt, "uploading"))
+                await self._stage(attempt, "uploading")
             # Nothing is stored unscreened: an evaluator that cannot answer fails the attempt.
             category = await self._evaluator.withheld_category(item.png)
             if category:
@@ -280,6 +291,11 @@ class QueueWorker:
         )
         return scored
 
+    async def _stage(self, attempt: Attempt, name: str) -> None:
+        """The attempt entered stage `name`: its span starts, the lifecycle records it."""
+        self._stages.enter(name)
+        await _best_effort(self._lifecycle.stage(attempt, name))
+
     async def _write(self, attempt: Attempt, transition: Callable[[], Awaitable[bool]]) -> None:
         """A guarded transition through store blips; AttemptLost when the guard refused it."""
         if not await through_blips(transition, f"job {attempt.job_id}"):
@@ -324,6 +340,34 @@ async def _best_effort(announcement: Awaitable[None]) -> None:
     except Exception as error:
         if not is_blip(error):
             raise
+
+
+@contextlib.contextmanager
+def _traced(attempt: Attempt) -> Iterator[None]:
+    """The attempt's span, current while it runs: a child of the span that admitted the job
+    (its traceparent travels in the job), so the trace crosses the queue. A first attempt also
+    gets a span for its wait in the queue, from admission to its start."""
+    job = attempt.job
+    parent = tracing.context_of(job.trace_parent)
+    tracer = tracing.tracer("generator")
+    if attempt.number == 1 and job.created_at is not None and job.updated_at is not None:
+        waited = tracer.start_span(
+            "queue wait",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            start_time=tracing.nanos(job.created_at),
+        )
+        waited.end(end_time=tracing.nanos(job.updated_at))
+    attributes: dict[str, str | int] = {
+        "imagegen.job_id": job.id,
+        "imagegen.attempt": attempt.number,
+        "imagegen.model": job.spec.model,
+        "imagegen.variants": job.spec.num_variants,
+    }
+    with tracer.start_as_current_span(
+        "job attempt", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+    ):
+        yield
 
 
 def _observe_queue_wait(attempt: Attempt) -> None:

@@ -71,7 +71,8 @@ ACQUIRE_TIMEOUT_SECONDS = 5.0
 _JOB_COLUMNS = (
     "id, status, stage, progress_percent, spec, cache_key, cost_cents, cache_hit, cache_mode,"
     " error, retryable, attempts, engine_version, evaluator_models, created_at, updated_at,"
-    " tenant, api_key_id, priority, cache_namespace, webhook_url, webhook_events"
+    " tenant, api_key_id, priority, cache_namespace, webhook_url, webhook_events,"
+    " estimated_cents, cache_result, trace_parent"
 )
 _ARTIFACT_COLUMNS = (
     "id, job_id, variant_index, key, sha256, width_px, height_px, seed, clip_score,"
@@ -80,11 +81,21 @@ _ARTIFACT_COLUMNS = (
 )
 # A worker's write: only while the job is running its attempt.
 _HELD = "id = $1 AND status = 'running' AND attempts = $2"
+# Adds the seconds of the stage a running job was in to its `stage_seconds` (the right-hand
+# sides of an UPDATE read the row as it was); the next stage's clock is `stage_started_at`.
+_CLOSE_STAGE = (
+    "stage_seconds = CASE WHEN stage_started_at IS NULL OR stage = '' THEN stage_seconds"
+    " ELSE jsonb_set(stage_seconds, ARRAY[stage], to_jsonb("
+    "coalesce((stage_seconds->>stage)::float8, 0)"
+    " + extract(epoch FROM clock_timestamp() - stage_started_at)::float8)) END"
+)
+# A job that ended: its end time, its last stage closed.
+_ENDED = f"ended_at = now(), {_CLOSE_STAGE}, stage_started_at = NULL"
 # Ends a held job `failed` ($3 the reason, $4 retryable), not charged.
 _FAIL = (
-    "UPDATE jobs SET status = 'failed', stage = 'failed', error = $3, retryable = $4,"
-    f" cost_cents = 0, lease_expires_at = NULL, updated_at = now() WHERE {_HELD}"
-    f" RETURNING {_JOB_COLUMNS}"
+    f"UPDATE jobs SET {_ENDED}, status = 'failed', stage = 'failed', error = $3,"
+    " retryable = $4, failure_reason = $5, cost_cents = 0, lease_expires_at = NULL,"
+    f" updated_at = now() WHERE {_HELD} RETURNING {_JOB_COLUMNS}"
 )
 # A read by a client (`tenant` given) sees only its tenant's jobs; internal reads pass None.
 _OF_TENANT = "($2::text IS NULL OR tenant = $2)"
@@ -238,8 +249,10 @@ class JobLifecycle:
             row = await conn.fetchrow(
                 "INSERT INTO jobs (id, status, stage, progress_percent, spec, cache_key,"
                 " cost_cents, cache_hit, cache_mode, engine_version, tenant, api_key_id,"
-                " priority, cache_namespace, webhook_url, webhook_events)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+                " priority, cache_namespace, webhook_url, webhook_events, estimated_cents,"
+                " cache_result, trace_parent, ended_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,"
+                " $17, $18, $19, CASE WHEN $2 = 'completed' THEN now() END)"
                 f" RETURNING {_JOB_COLUMNS}",
                 parse_job_id(job.id),
                 job.status.value,
@@ -257,6 +270,9 @@ class JobLifecycle:
                 job.cache_namespace,
                 job.webhook.url,
                 list(job.webhook.events),
+                job.estimated_cents,
+                job.cache_result,
+                job.trace_parent,
             )
             for artifact in job.artifacts:
                 await _upsert_artifact(conn, artifact)
@@ -276,6 +292,7 @@ class JobLifecycle:
             row = await conn.fetchrow(
                 "UPDATE jobs SET status = 'running', stage = 'starting', error = '',"
                 " attempts = attempts + 1, updated_at = now(),"
+                " started_at = coalesce(started_at, now()), stage_started_at = clock_timestamp(),"
                 " lease_expires_at = now() + make_interval(secs => $2)"
                 " WHERE id = $1 AND (status = 'queued'"
                 " OR (status = 'running' AND lease_expires_at < now()))"
@@ -287,7 +304,9 @@ class JobLifecycle:
                 return None
             if row["attempts"] > self.max_attempts:
                 reason = f"gave up after {row['attempts'] - 1} attempts"
-                row = await conn.fetchrow(_FAIL, row["id"], row["attempts"], reason, True)
+                row = await conn.fetchrow(
+                    _FAIL, row["id"], row["attempts"], reason, True, FailureCause.GAVE_UP.value
+                )
                 ended = await self._refresh(conn, row)
             else:
                 job = await self._refresh(conn, row)
@@ -338,7 +357,8 @@ class JobLifecycle:
         uploading, evaluating...)."""
         async with self._connection() as conn:
             held = await conn.fetchval(
-                f"UPDATE jobs SET stage = $3, updated_at = now() WHERE {_HELD} RETURNING true",
+                f"UPDATE jobs SET {_CLOSE_STAGE}, stage_started_at = clock_timestamp(),"
+                f" stage = $3, updated_at = now() WHERE {_HELD} RETURNING true",
                 parse_job_id(attempt.job_id),
                 attempt.number,
                 stage,
@@ -357,8 +377,7 @@ class JobLifecycle:
         """Records a stored image (a variant rendered again replaces its row)."""
         async with self._transaction() as conn:
             row = await conn.fetchrow(
-                "UPDATE jobs SET stage = 'generating', updated_at = now()"
-                f" WHERE {_HELD} RETURNING {_JOB_COLUMNS}",
+                f"UPDATE jobs SET updated_at = now() WHERE {_HELD} RETURNING {_JOB_COLUMNS}",
                 parse_job_id(attempt.job_id),
                 attempt.number,
             )
@@ -423,7 +442,7 @@ class JobLifecycle:
     ) -> bool:
         async with self._transaction() as conn:
             row = await conn.fetchrow(
-                "UPDATE jobs SET stage = 'evaluated', evaluator_models = $3, updated_at = now()"
+                "UPDATE jobs SET evaluator_models = $3, updated_at = now()"
                 f" WHERE {_HELD} RETURNING {_JOB_COLUMNS}",
                 parse_job_id(attempt.job_id),
                 attempt.number,
@@ -468,8 +487,8 @@ class JobLifecycle:
         """Ends the attempt's job `completed` (and charged); False when it no longer held it."""
         return await self._end(
             attempt,
-            "UPDATE jobs SET status = 'completed', stage = 'done', progress_percent = 100,"
-            f" lease_expires_at = NULL, updated_at = now() WHERE {_HELD}"
+            f"UPDATE jobs SET {_ENDED}, status = 'completed', stage = 'done',"
+            f" progress_percent = 100, lease_expires_at = NULL, updated_at = now() WHERE {_HELD}"
             f" RETURNING {_JOB_COLUMNS}",
         )
 
@@ -488,12 +507,20 @@ class JobLifecycle:
         error = events_pb2.ErrorEvent(message=reason, retrying=retrying)
         if not retrying:
             return await self._end(
-                attempt, _FAIL, reason, not permanent, error=error, cause=cause, dead_letter=True
+                attempt,
+                _FAIL,
+                reason,
+                not permanent,
+                cause.value,
+                error=error,
+                cause=cause,
+                dead_letter=True,
             )
         async with self._transaction() as conn:
             row = await conn.fetchrow(
-                "UPDATE jobs SET status = 'queued', stage = '', error = $3, progress_percent = 0,"
-                f" lease_expires_at = NULL, updated_at = now() WHERE {_HELD}"
+                f"UPDATE jobs SET {_CLOSE_STAGE}, stage_started_at = NULL, status = 'queued',"
+                " stage = '', error = $3, progress_percent = 0, lease_expires_at = NULL,"
+                f" updated_at = now() WHERE {_HELD}"
                 f" RETURNING {_JOB_COLUMNS}",
                 parse_job_id(attempt.job_id),
                 attempt.number,
@@ -524,8 +551,8 @@ class JobLifecycle:
             if prior is None:
                 raise NotFound("no such job")
             row = await conn.fetchrow(
-                "UPDATE jobs SET status = 'cancelled', stage = 'cancelled', cost_cents = 0,"
-                " lease_expires_at = NULL, updated_at = now()"
+                f"UPDATE jobs SET {_ENDED}, status = 'cancelled', stage = 'cancelled',"
+                " cost_cents = 0, lease_expires_at = NULL, updated_at = now()"
                 f" WHERE id = $1 AND status IN ('queued', 'running') RETURNING {_JOB_COLUMNS}",
                 job_uuid,
             )
@@ -551,8 +578,9 @@ class JobLifecycle:
         for (job_uuid,) in rows:
             async with self._transaction() as conn:
                 row = await conn.fetchrow(
-                    "UPDATE jobs SET status = 'queued', stage = '', progress_percent = 0,"
-                    " error = 'its worker stopped', lease_expires_at = NULL, updated_at = now()"
+                    f"UPDATE jobs SET {_CLOSE_STAGE}, stage_started_at = NULL, status = 'queued',"
+                    " stage = '', progress_percent = 0, error = 'its worker stopped',"
+                    " lease_expires_at = NULL, updated_at = now()"
                     " WHERE id = $1 AND status = 'running' AND lease_expires_at < now()"
                     f" RETURNING {_JOB_COLUMNS}",
                     job_uuid,
@@ -843,6 +871,9 @@ def _job(row: asyncpg.Record) -> JobRecord:
         priority=Priority(row["priority"]),
         cache_namespace=row["cache_namespace"],
         webhook=Webhook(row["webhook_url"], tuple(row["webhook_events"])),
+        estimated_cents=row["estimated_cents"],
+        cache_result=row["cache_result"],
+        trace_parent=row["trace_parent"],
     )
 
 

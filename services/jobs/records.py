@@ -124,6 +124,12 @@ class JobRecord:
     priority: Priority = Priority.NORMAL
     cache_namespace: str = ""
     webhook: Webhook = field(default_factory=Webhook)
+    # For the admin dashboard and tracing: the estimate it was admitted with (`cost_cents` is
+    # what it is charged), what the prompt cache answered (hit_seed, hit_seedless, miss, off),
+    # and the W3C traceparent of the request that admitted it.
+    estimated_cents: int = 0
+    cache_result: str = ""
+    trace_parent: str = ""
 
     @property
     def finished(self) -> bool:
