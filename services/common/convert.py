@@ -33,7 +33,13 @@ _ROLE_TO_PB = {
 }
 _ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
 # Domain (and HTTP) field names whose protobuf name differs.
-_PB_FIELD = {"prompt": "text", "width": "width_px", "height": "height_px", "mask": "mask_key"}
+_PB_FIELD = {
+    "prompt": "text",
+    "width": "width_px",
+    "height": "height_px",
+    "mask": "mask_key",
+    "preview_every": "preview_every_steps",
+}
 _SPEC_FIELDS = frozenset(f.name for f in dataclasses.fields(Spec))
 
 

@@ -120,12 +120,15 @@ class _Progress:
 
     def snapshot(self, max_batch: int) -> Step:
         done = self.skipped + sum(self.done.values())
-        running = [d for d in self.done.values() if d < self.steps]
+        running = {i: d for i, d in self.done.items() if d < self.steps}
         waiting = self.todo - len(self.done)
-        left_steps = (self.steps - min(running) if running else 0) + self.steps * math.ceil(
-            waiting / max(1, max_batch)
+        left_steps = (self.steps - min(running.values()) if running else 0) + self.steps * (
+            math.ceil(waiting / max(1, max_batch))
         )
-        latest = max(self.done, key=lambda i: (self.done[i], -i))
+        # The variant the step is about: the furthest along of those still running (a variant
+        # rendered after another is named, not the finished one), else the last to finish.
+        named = running or self.done
+        latest = max(named, key=lambda i: (named[i], -i))
         return Step(
             variant_index=latest,
             step=self.done[latest],
