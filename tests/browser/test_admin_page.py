@@ -1,8 +1,9 @@
 """The admin dashboard in a real browser, against the real mesh: after jobs that render, hit the
 cache, fail, wait in the queue, are cancelled and are refused, `/admin#key=<admin key>` draws
 every chart (each canvas has painted pixels, no empty state shows), the tiles show the totals,
-the time-range picker reloads the charts, the console stays clean, and a full-page screenshot is
-kept in the artifacts. A key without the admin scope gets the key form back, saying why."""
+the time-range picker reloads the charts, the console stays clean, axe-core finds nothing
+serious or critical, and a full-page screenshot is kept in the artifacts. A key without the
+admin scope gets the key form back, saying why."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest_asyncio
 from services.common.settings import CommonSettings
 from services.tenants.keys import Scope
 from tests.browser.conftest import BrowserPage
+from tests.browser.ui import axe_violations
 from tests.conftest import Mesh, ServiceEnv, new_key, start_in_process
 from tests.helpers import png_bytes, stored_upload
 
@@ -120,6 +122,7 @@ async def test_the_dashboard_draws_every_chart_of_the_jobs_run(
         "samples",
     ]
     await page.page.screenshot(path=str(artifacts_dir / "admin-dashboard.png"), full_page=True)
+    assert await axe_violations(page.page) == []  # nothing serious or critical for axe-core
 
     # Another range reloads every chart; the address keeps it.
     await page.page.get_by_text("15 min", exact=True).click()
