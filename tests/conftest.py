@@ -242,8 +242,16 @@ class Mesh:
         return f"http://127.0.0.1:{self.services['gateway'].http_port}"
 
     async def stop(self) -> None:
-        for service in reversed(list(self.services.values())):
-            await service.stop(1.0)
+        """Stops every service, the rest too when one fails to (a generator left running
+        would take the queue entries of a later module that gets the same Redis db)."""
+        failures = []
+        for name, service in reversed(list(self.services.items())):
+            try:
+                await service.stop(1.0)
+            except Exception as error:  # noqa: BLE001 - raised after the others stopped
+                failures.append(f"{name}: {error!r}")
+        if failures:
+            raise RuntimeError(f"services failed to stop: {'; '.join(failures)}")
 
 
 async def start_in_process(env: ServiceEnv, names: tuple[str, ...], workers: int = 1) -> Mesh:

@@ -404,7 +404,7 @@ async def test_a_webhook_to_a_private_address_is_refused_at_submission(
                 json=body(webhook_url=url),
             )
             assert refused.status_code == 422, url
-            assert refused.json()["error"]["field_violations"][0]["field"] == "webhook.url"
+            assert refused.json()["error"]["field_violations"][0]["field"] == "webhook_url"
 
 
 async def test_the_keys_cli_creates_lists_and_revokes_against_database_url(

@@ -18,7 +18,7 @@ from services.common.errors import InvalidArgument
 
 _FIELD = b"e"
 _EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
-_MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
+MAX_EVENT_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit integers
 
 
 def stream_key(job_id: str) -> str:
@@ -31,7 +31,7 @@ def check_event_id(event_id: str, field: str) -> str:
         return "0-0"
     # fullmatch and [0-9]: `$` would let a trailing newline through, `\d` any Unicode digit.
     match = _EVENT_ID.fullmatch(event_id)
-    if match is None or any(int(part) > _MAX_ID_PART for part in match.groups()):
+    if match is None or any(int(part) > MAX_EVENT_ID_PART for part in match.groups()):
         raise InvalidArgument.one(field, "not an event id")
     return event_id
 

@@ -211,6 +211,9 @@ class Service:
     grpc: RunningServer
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     http_port: int = 0
+    # Other servers of the service (the gateway's HTTP facade): drained alongside the gRPC
+    # server, within the same grace, before the cleanups.
+    drains: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def port(self) -> int:
@@ -230,7 +233,15 @@ class Service:
         deadline = loop.time() + grace
         self.grpc.stopping = True
         await self.grpc.set_serving(False)
+        drains = [asyncio.ensure_future(drain()) for drain in self.drains]
         await self.grpc.stop(grace)
+        if drains:
+            # The grace, and a moment after it: a server cuts what is left at the grace.
+            budget = max(deadline - loop.time(), 0.0) + CLEANUP_FLOOR_SECONDS
+            _, left = await asyncio.wait(drains, timeout=budget)
+            for task in left:
+                task.cancel()
+                log.warning("shutdown: a server did not drain in %.1fs; left", budget)
         for cleanup in reversed(self.cleanups):
             budget = max(deadline - loop.time(), CLEANUP_FLOOR_SECONDS)
             task = asyncio.ensure_future(cleanup())

@@ -43,6 +43,10 @@ MAX_PATH_CHARS = 256
 # Models of this family read FIBO structured prompts; a text prompt sent to one is turned into
 # the minimal structured prompt, `{"short_description": text}`, and the job says so.
 FIBO_FAMILY = "fibo"
+# A character that is not whitespace (as str.strip sees it): a prompt holding one is not blank.
+# Written out, not `\S`, so that it means the same in JSON Schema (ECMA-262) as here.
+NON_BLANK = r"[^\t-\r\x1C-\x20\x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+_NON_BLANK = re.compile(NON_BLANK)
 
 
 @dataclass(frozen=True)
@@ -317,7 +321,7 @@ def resolve(spec: Spec, registry: Registry, *, require_seed: bool = False) -> Sp
         if not ok:
             bad.append(FieldViolation(field, description))
 
-    has_text = bool(spec.prompt.strip())
+    has_text = _NON_BLANK.search(spec.prompt) is not None  # what the HTTP schema says, too
     check(
         has_text != (spec.fibo_json is not None),
         "prompt",

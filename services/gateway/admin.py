@@ -41,6 +41,9 @@ _ASSET_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; char
 DEFAULT_RANGE = timedelta(hours=1)
 MAX_RANGE = timedelta(days=366)
 MAX_BUCKETS = 1000
+# The times `from` and `to` may name.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, tzinfo=UTC)
 # Without `bucket`: the smallest of these that cuts the range into at most TARGET_BUCKETS.
 TARGET_BUCKETS = 60
 BUCKET_CHOICES = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
@@ -385,11 +388,16 @@ def _query_time(params: QueryParams, name: str) -> datetime | None:
     try:
         if not _RFC3339.fullmatch(raw):
             raise ValueError(raw)
-        return datetime.fromisoformat(raw.upper()).astimezone(UTC)
-    except ValueError:
+        # OverflowError: a time in year 1 or 9999 that its offset moves out of range.
+        time = datetime.fromisoformat(raw.upper()).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidArgument.one(
             name, "must be an RFC 3339 time with an offset, e.g. 2025-01-31T12:00:00Z"
         ) from None
+    # Room for the range's arithmetic (an hour back, a day of queue lookback) on either side.
+    if not EARLIEST <= time <= LATEST:
+        raise InvalidArgument.one(name, f"must be between {_iso(EARLIEST)} and {_iso(LATEST)}")
+    return time
 
 
 def stats_json(stats: Stats) -> dict[str, Any]:

@@ -88,7 +88,10 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
             webhook = None
             if request.HasField("webhook"):
                 webhook = self._jobs.check_webhook(
-                    request.webhook.url, list(request.webhook.events), "webhook"
+                    request.webhook.url,
+                    list(request.webhook.events),
+                    "webhook.url",
+                    "webhook.events",
                 )
             options = Options(
                 idempotency_key=request.idempotency_key,

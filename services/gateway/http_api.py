@@ -1,8 +1,10 @@
 """The HTTP facade: the replaced system's JSON API and SSE, translated onto JobService.
 
-It parses JSON into the domain request, calls the same JobService the gRPC API calls, and renders
-the result with the field names existing clients use. Errors use the status table in
-services.common.errors. It holds no logic of its own.
+It validates each JSON body with its request model (services/gateway/contract.py) into the domain
+request, calls the same JobService the gRPC API calls, and renders the result into the response
+shapes of services/gateway/http_json.py, with the field names existing clients use; the OpenAPI
+document is generated from both. Errors use the status table in services.common.errors. It holds
+no logic of its own.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
-from google.protobuf import json_format
 from imagegen.v1 import events_pb2, types_pb2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,16 +26,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from services.common import metrics, tracing
-from services.common.convert import (
-    STATUS_FROM_PB,
-    artifact_to_pb,
-    message_to_json,
-    signed_job,
-    with_urls,
-)
-from services.common.errors import FieldViolation, Forbidden, InvalidArgument, NotFound
+from services.common.convert import artifact_to_pb, signed_job, with_urls
+from services.common.errors import Forbidden, InvalidArgument, NotFound
 from services.common.objectstore import LocalStore
-from services.common.spec import ControlNet, GuidanceImage, Spec, json_path
 from services.gateway.admin import AdminStats, admin_page, static_file, stats_endpoint
 from services.gateway.auth import (
     Authenticator,
@@ -42,228 +36,74 @@ from services.gateway.auth import (
     authorized,
     caller_of,
 )
-from services.gateway.cost import Cost
+from services.gateway.contract import (
+    Body,
+    CacheLookupRequest,
+    EstimateRequest,
+    EvaluateRequest,
+    GenerateRequest,
+    PresignUploadRequest,
+    parse,
+)
 from services.gateway.http_input import (
+    MAX_EVALUATE_JSON_BYTES,
     MAX_JSON_BYTES,
-    JsonObject,
     RequestContext,
     ascii_digits,
     http_exception,
-    json_flag,
     parse_json_object,
     query_count,
     query_text,
     read_body,
     resume_after,
 )
+from services.gateway.http_json import (
+    AdmissionJson,
+    CacheHitJson,
+    CacheMissJson,
+    EvaluationJson,
+    PresignedUploadJson,
+    artifact_json,
+    cost_json,
+    event_json,
+    job_json,
+)
 from services.gateway.http_metrics import HttpMetrics, HttpTracing, metrics_endpoint
 from services.gateway.jobs import JobService, Options
-from services.gateway.openapi import OPENAPI
-from services.jobs.records import CacheMode, JobRecord, Priority, Webhook
+from services.gateway.openapi import openapi_document
+from services.jobs.records import JobRecord, Priority, Webhook
 from services.tenants.keys import Scope
 
 STATIC = Path(__file__).parent / "static"
-# POST /api/evaluate carries images inline (base64): room for several.
-MAX_EVALUATE_JSON_BYTES = 24 * 1024 * 1024
 
 
-def spec_from_json(body: dict[str, Any]) -> Spec:
-    """The replaced system's request fields (and the new ones) as a domain Spec; every field of
-    the wrong type is named by its path (`controlnet.weight`, `guidance_images[1].role`)."""
-    fields = JsonObject(body)
-    images = []
-    for item in fields.objects("guidance_images"):
-        if "key" not in item.value and "url" in item.value:
-            item.violation("url", "give the key returned by /api/uploads/presign")
-        images.append(GuidanceImage(key=item.get("key", str, ""), role=item.get("role", str, "")))
-    controlnet = None
-    if (raw := fields.object("controlnet")) is not None:
-        controlnet = ControlNet(
-            name=raw.get("name", str, ""),
-            weight=float(raw.get("weight", (int, float), 1.0)),
-            mask_key=raw.get("mask", str, ""),
-        )
-    guidance = fields.get("guidance_scale", (int, float), None)
-    strength = fields.get("strength", (int, float), None)
-    spec = Spec(
-        prompt=fields.get("prompt", str, ""),
-        fibo_json=fields.get("fibo_json", dict, None),
-        negative_prompt=fields.get("negative_prompt", str, ""),
-        model=fields.get("model", str, ""),
-        seed=fields.get("seed", int, None),
-        width=fields.get("width", int, 0),
-        height=fields.get("height", int, 0),
-        num_variants=fields.get("num_variants", int, 0),
-        steps=fields.get("steps", int, 0),
-        guidance_scale=float(guidance) if guidance is not None else None,
-        guidance_images=tuple(images),
-        controlnet=controlnet,
-        strength=float(strength) if strength is not None else None,
-        preview_every=fields.get("preview_every", int, 0),
-    )
-    fields.raise_if_bad()
-    return spec
-
-
-def cache_mode_from_json(body: dict[str, Any]) -> CacheMode | None:
-    """The body's `cache`: "use", "refresh" or "off"; None when absent or null."""
-    fields = JsonObject(body)
-    value = fields.get("cache", str, None)
-    fields.raise_if_bad()
-    if value is None:
-        return None
-    if value not in CacheMode.__members__.values():
-        raise InvalidArgument.one("cache", f"one of {', '.join(m.value for m in CacheMode)}")
-    return CacheMode(value)
-
-
-def options_from_json(jobs: JobService, body: dict[str, Any], idempotency_key: str) -> Options:
+def options_from_request(jobs: JobService, body: GenerateRequest, idempotency_key: str) -> Options:
     """How to run the job: cache mode, lane, cost ceiling and webhook, from the body."""
-    fields = JsonObject(body)
-    priority = fields.get("priority", str, None)
-    max_cost = fields.get("max_cost_cents", int, None)
-    webhook_url = fields.get("webhook_url", str, None)
-    events = fields.get("webhook_events", list, [])
-    for i, event in enumerate(events):
-        if not isinstance(event, str):
-            fields.bad.append(FieldViolation(json_path("webhook_events", i), "must be a string"))
-    fields.raise_if_bad()
-    if priority is not None and priority not in Priority.__members__.values():
-        raise InvalidArgument.one("priority", f"one of {', '.join(p.value for p in Priority)}")
-    if max_cost is not None and max_cost < 0:
-        raise InvalidArgument.one("max_cost_cents", "must not be negative")
     webhook: Webhook | None = None
-    if webhook_url is not None:
-        webhook = jobs.check_webhook(webhook_url, events, "webhook")
+    events: list[str] = list(body.webhook_events or ())
+    if body.webhook_url is not None:
+        webhook = jobs.check_webhook(body.webhook_url, events, "webhook_url", "webhook_events")
     elif events:
         raise InvalidArgument.one("webhook_events", "give webhook_url with them")
     return Options(
         idempotency_key=idempotency_key,
-        seed_agnostic_cache=json_flag(body, "seed_agnostic_cache"),
-        skip_cache=json_flag(body, "skip_cache"),
-        cache=cache_mode_from_json(body),
-        priority=Priority(priority) if priority else Priority.NORMAL,
-        max_cost_cents=max_cost,
+        seed_agnostic_cache=bool(body.seed_agnostic_cache),
+        skip_cache=bool(body.skip_cache),
+        cache=body.cache,
+        priority=body.priority or Priority.NORMAL,
+        max_cost_cents=body.max_cost_cents,
         webhook=webhook,
     )
 
 
-def artifact_json(a: types_pb2.Artifact) -> dict[str, Any]:
-    e = a.evaluation
-    return {
-        "id": a.id,
-        "url": a.url,
-        "key": a.key,
-        "sha256": a.sha256,
-        "width": a.width_px,
-        "height": a.height_px,
-        "variant_index": a.variant_index,
-        "seed": a.seed,
-        "semantic_score": e.clip_score if e.HasField("clip_score") else None,
-        "perceptual_score": e.lpips_diversity if e.HasField("lpips_diversity") else None,
-        "lpips_to_reference": e.lpips_to_reference if e.HasField("lpips_to_reference") else None,
-        "nsfw": e.nsfw,
-        "is_primary": a.is_primary,
-        "clip_model": e.clip_model,
-        "clip_calibrated": e.clip_calibrated,
-        "lpips_model": e.lpips_model,
-        "lpips_calibrated": e.lpips_calibrated,
-    }
+BodyT = TypeVar("BodyT", bound=Body)
 
 
-def job_json(job: types_pb2.Job) -> dict[str, Any]:
-    return {
-        "run_id": job.id,
-        "status": STATUS_FROM_PB[job.status],
-        "stage": job.stage,
-        "progress_percent": round(job.progress_percent, 2),
-        "seed": job.spec.seed,
-        "cost_cents": job.cost_cents,
-        "cached_hit": job.cache_hit,
-        "error": job.error,
-        "attempts": job.attempts,
-        "notices": list(job.notices),
-        "request": {
-            "prompt": job.spec.text,
-            "fibo_json": (
-                json_format.MessageToDict(job.spec.fibo_json)
-                if job.spec.HasField("fibo_json")
-                else None
-            ),
-            "model": job.spec.model,
-            "width": job.spec.width_px,
-            "height": job.spec.height_px,
-            "steps": job.spec.steps,
-            "num_variants": job.spec.num_variants,
-            "guidance_scale": round(job.spec.guidance_scale, 4),
-            "strength": round(job.spec.strength, 4) if job.spec.HasField("strength") else None,
-            "negative_prompt": job.spec.negative_prompt,
-        },
-        "artifacts": [artifact_json(a) for a in job.artifacts],
-        "withheld": [
-            {"variant_index": w.variant_index, "category": w.category} for w in job.withheld
-        ],
-        "created_at": job.create_time.ToJsonString() if job.HasField("create_time") else None,
-        "updated_at": job.update_time.ToJsonString() if job.HasField("update_time") else None,
-    }
-
-
-def cost_json(cost: Cost) -> dict[str, Any]:
-    return {
-        "est_cost_cents": cost.total_cents,
-        "breakdown": {
-            "base_cents": cost.base_cents,
-            "steps_factor": cost.steps_factor,
-            "controlnet_cents": cost.controlnet_cents,
-            "guidance_cents": cost.guidance_cents,
-            "model_multiplier": cost.model_multiplier,
-        },
-    }
-
-
-def event_json(event: events_pb2.JobEvent) -> tuple[str, dict[str, Any]]:
-    """(SSE event name, data) of a job event."""
-    kind = event.WhichOneof("payload") or "unknown"
-    if kind == "final":
-        return kind, job_json(event.final.job)
-    if kind == "artifact":
-        a = event.artifact
-        timings = {"render_ms": a.render_ms, "encode_ms": a.encode_ms, "store_ms": a.store_ms}
-        return kind, {**artifact_json(a.artifact), **timings}
-    if kind == "evaluation":
-        return kind, {
-            "artifacts": [artifact_json(a) for a in event.evaluation.artifacts],
-            "models": list(event.evaluation.models),
-            "evaluate_ms": event.evaluation.evaluate_ms,
-        }
-    if kind == "progress":
-        p = event.progress
-        return kind, {
-            "variant_index": p.variant_index,
-            "step": p.step,
-            "total_steps": p.total_steps,
-            "percent": round(p.percent, 2),
-            "eta_ms": p.eta_ms,
-        }
-    if kind == "preview":
-        v = event.preview
-        return kind, {
-            "variant_index": v.variant_index,
-            "step": v.step,
-            "image": "data:image/png;base64," + base64.b64encode(v.image_png).decode(),
-        }
-    if kind == "status":
-        return kind, {
-            "status": STATUS_FROM_PB.get(event.status.status, ""),
-            "stage": event.status.stage,
-        }
-    return kind, message_to_json(getattr(event, kind))
-
-
-async def _json_body(request: Request, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+async def _json_body(request: Request, model: type[BodyT], limit: int = MAX_JSON_BYTES) -> BodyT:
+    """The body as `model`, every bad field named (contract.parse)."""
     data = await read_body(request, limit)
     # Parsing and checking a large body takes a while: not on the event loop.
-    return await asyncio.to_thread(parse_json_object, data)
+    return await asyncio.to_thread(lambda: parse(model, parse_json_object(data)))
 
 
 def build_app(
@@ -274,24 +114,21 @@ def build_app(
     pool: asyncpg.Pool,
 ) -> Starlette:
     admin_stats = AdminStats(pool)
+    document: list[bytes] = []  # made at the first request for it
 
     def signed(job: JobRecord | types_pb2.Job) -> types_pb2.Job:
         return signed_job(job, jobs.objects.download_url)
 
     async def generate(request: Request) -> Response:
-        body = await _json_body(request)
-        spec = spec_from_json(body)
-        options = options_from_json(jobs, body, request.headers.get("idempotency-key", ""))
-        admission = await jobs.create(caller_of(request), spec, options)
-        job = signed(admission.job)
-        return JSONResponse(
-            {
-                **job_json(job),
-                **cost_json(admission.estimate),
-                "idempotent_replay": not admission.created,
-            },
-            status_code=201 if admission.created else 200,
-        )
+        body = await _json_body(request, GenerateRequest)
+        options = options_from_request(jobs, body, request.headers.get("idempotency-key", ""))
+        admission = await jobs.create(caller_of(request), body.spec(), options)
+        answer: AdmissionJson = {
+            **job_json(signed(admission.job)),
+            **cost_json(admission.estimate),
+            "idempotent_replay": not admission.created,
+        }
+        return JSONResponse(answer, status_code=201 if admission.created else 200)
 
     async def status(request: Request) -> Response:
         job = await jobs.get(caller_of(request), request.path_params["run_id"])
@@ -338,28 +175,26 @@ def build_app(
         return JSONResponse(job_json(signed(job)))
 
     async def estimate(request: Request) -> Response:
-        return JSONResponse(cost_json(jobs.estimate(spec_from_json(await _json_body(request)))))
+        body = await _json_body(request, EstimateRequest)
+        return JSONResponse(cost_json(jobs.estimate(body.spec())))
 
     async def cache_lookup(request: Request) -> Response:
-        body = await _json_body(request)
-        entry = await jobs.lookup_cache(
-            caller_of(request), spec_from_json(body), json_flag(body, "seed_agnostic")
-        )
+        body = await _json_body(request, CacheLookupRequest)
+        entry = await jobs.lookup_cache(caller_of(request), body.spec(), bool(body.seed_agnostic))
         if entry is None:
-            return JSONResponse({"hit": False})
-        return JSONResponse(
-            {
-                "hit": True,
-                "run_id": entry.job_id,
-                "seed": entry.seed,
-                "hit_count": entry.hit_count,
-                "expires_at": entry.expires_at.isoformat(),
-                "artifacts": [
-                    artifact_json(artifact_to_pb(a, jobs.objects.download_url))
-                    for a in entry.artifacts
-                ],
-            }
-        )
+            miss: CacheMissJson = {"hit": False}
+            return JSONResponse(miss)
+        hit: CacheHitJson = {
+            "hit": True,
+            "run_id": entry.job_id,
+            "seed": entry.seed,
+            "hit_count": entry.hit_count,
+            "expires_at": entry.expires_at.isoformat(),
+            "artifacts": [
+                artifact_json(artifact_to_pb(a, jobs.objects.download_url)) for a in entry.artifacts
+            ],
+        }
+        return JSONResponse(hit)
 
     async def models(request: Request) -> Response:
         served, default = jobs.models()
@@ -415,23 +250,20 @@ def build_app(
         )
 
     async def presign_upload(request: Request) -> Response:
-        fields = JsonObject(await _json_body(request))
-        content_type = fields.get("content_type", str, "")
-        sha256 = fields.get("sha256", str, "")
-        size_bytes = fields.get("size_bytes", int, 0)
-        fields.raise_if_bad()
-        upload = await jobs.presign_upload(caller_of(request), content_type, sha256, size_bytes)
-        return JSONResponse(
-            {
-                "key": upload.key,
-                "method": upload.method,
-                "upload_url": upload.upload_url,
-                "headers": upload.headers,
-                "fields": upload.fields,
-                "max_bytes": upload.max_bytes,
-                "expires_at": upload.expires_at,
-            }
+        body = await _json_body(request, PresignUploadRequest)
+        upload = await jobs.presign_upload(
+            caller_of(request), body.content_type, body.sha256, body.size_bytes
         )
+        presigned: PresignedUploadJson = {
+            "key": upload.key,
+            "method": upload.method,
+            "upload_url": upload.upload_url,
+            "headers": upload.headers,
+            "fields": upload.fields,
+            "max_bytes": upload.max_bytes,
+            "expires_at": upload.expires_at,
+        }
+        return JSONResponse(presigned)
 
     async def put_file(request: Request) -> Response:
         """The local store's presigned upload: authorized by its signature, which binds the
@@ -446,43 +278,32 @@ def build_app(
         return JSONResponse({"key": key}, status_code=201)
 
     async def evaluate(request: Request) -> Response:
-        fields = JsonObject(await _json_body(request, MAX_EVALUATE_JSON_BYTES))
-        prompt = fields.get("prompt", str, "")
-        keys = fields.get("image_keys", list, [])
-        for i, key in enumerate(keys):
-            if not isinstance(key, str):
-                fields.bad.append(FieldViolation(json_path("image_keys", i), "must be a string"))
-        images = []
-        for i, encoded in enumerate(fields.get("images", list, [])):
-            try:
-                images.append(base64.b64decode(encoded, validate=True))
-            except (TypeError, ValueError):
-                problem = FieldViolation(json_path("images", i), "must be a base64-encoded image")
-                fields.bad.append(problem)
-        reference_key = fields.get("reference_key", str, "")
-        fields.raise_if_bad()
-        result = await jobs.evaluate_images(caller_of(request), prompt, keys, images, reference_key)
-        return JSONResponse(
-            {
-                "evaluations": [
-                    {
-                        "semantic_score": s.clip_score,
-                        "perceptual_score": s.lpips_diversity,
-                        "lpips_to_reference": s.lpips_to_reference,
-                        "clip_model": s.clip_model,
-                        "clip_calibrated": s.clip_calibrated,
-                        "lpips_model": s.lpips_model,
-                        "lpips_calibrated": s.lpips_calibrated,
-                    }
-                    for s in result.scores
-                ],
-                "primary_index": result.primary_index,
-                "scoring_models": [
-                    {"name": m.name, "role": m.role, "calibrated": m.calibrated}
-                    for m in result.scoring_models
-                ],
-            }
+        body = await _json_body(request, EvaluateRequest, MAX_EVALUATE_JSON_BYTES)
+        # The schema's pattern admits only what b64decode reads.
+        images = [base64.b64decode(encoded, validate=True) for encoded in body.images or ()]
+        result = await jobs.evaluate_images(
+            caller_of(request), body.prompt, body.image_keys or [], images, body.reference_key or ""
         )
+        scores: EvaluationJson = {
+            "evaluations": [
+                {
+                    "semantic_score": s.clip_score,
+                    "perceptual_score": s.lpips_diversity,
+                    "lpips_to_reference": s.lpips_to_reference,
+                    "clip_model": s.clip_model,
+                    "clip_calibrated": s.clip_calibrated,
+                    "lpips_model": s.lpips_model,
+                    "lpips_calibrated": s.lpips_calibrated,
+                }
+                for s in result.scores
+            ],
+            "primary_index": result.primary_index,
+            "scoring_models": [
+                {"name": m.name, "role": m.role, "calibrated": m.calibrated}
+                for m in result.scoring_models
+            ],
+        }
+        return JSONResponse(scores)
 
     async def safety(request: Request) -> Response:
         days = query_count(request.query_params, "days", 3) or 30
@@ -513,7 +334,9 @@ def build_app(
         )
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(OPENAPI)
+        if not document:
+            document.append(json.dumps(openapi_document(*jobs.models())).encode())
+        return Response(document[0], media_type="application/json")
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

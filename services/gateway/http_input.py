@@ -42,7 +42,6 @@ from services.common.spec import (
     MAX_REPORTED,
     Where,
     json_nodes,
-    json_path,
     json_value_problem,
     path_of,
     text_problem,
@@ -51,6 +50,8 @@ from services.common.spec import (
 log = logging.getLogger("imagegen.http")
 
 MAX_JSON_BYTES = 1024 * 1024
+# POST /api/evaluate carries images inline (base64): room for several.
+MAX_EVALUATE_JSON_BYTES = 24 * 1024 * 1024
 MAX_JSON_DEPTH = 64  # room for a FIBO prompt's 32 levels (resolve checks those) and the request
 MAX_INT_DIGITS = 30  # no field needs more; Python refuses to parse past 4300
 # Values in one body: a FIBO prompt holds at most 32769 (MAX_FIBO_BYTES // 2), the other fields
@@ -59,15 +60,8 @@ MAX_JSON_VALUES = 40_000
 MAX_QUERY_CHARS = 512
 _FREE_TEXT = frozenset({"prompt", "negative_prompt", "fibo_json"})  # may hold tabs, line breaks
 _DIGITS = re.compile(r"[0-9]+")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-_TYPE_NAMES = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    dict: "an object",
-    list: "an array",
-}
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN[1:-1])
 
 
 # Bodies
@@ -154,67 +148,6 @@ def parse_json_object(data: bytes) -> dict[str, Any]:
                 break
     if bad:
         raise InvalidArgument(bad)
-    return value
-
-
-class JsonObject:
-    """Typed reads of a JSON object's fields. A missing or null field reads as its default; a
-    field of the wrong type is recorded (by its full path) and read as its default, so that
-    every bad field is reported at once by `raise_if_bad`."""
-
-    def __init__(self, value: dict[str, Any], path: str = "") -> None:
-        self.value = value
-        self.path = path
-        self.bad: list[FieldViolation] = []
-
-    def violation(self, name: str, description: str) -> None:
-        self.bad.append(FieldViolation(json_path(self.path, name), description))
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        value = self.value.get(name)
-        if value is None:
-            return default
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # bool is an int to Python, not to JSON
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            self.violation(name, f"must be {' or '.join(_TYPE_NAMES[k] for k in kinds)}")
-            return default
-        return value
-
-    def flag(self, name: str) -> bool:
-        """Only JSON true or false; absent or null is false."""
-        return bool(self.get(name, bool, False))
-
-    def object(self, name: str) -> JsonObject | None:
-        value = self.get(name, dict, None)
-        return None if value is None else self._child(json_path(self.path, name), value)
-
-    def objects(self, name: str) -> list[JsonObject]:
-        """An array of objects (absent or null: none)."""
-        found = []
-        for i, item in enumerate(self.get(name, list, [])):
-            path = json_path(json_path(self.path, name), i)
-            if isinstance(item, dict):
-                found.append(self._child(path, item))
-            else:
-                self.bad.append(FieldViolation(path, "must be an object"))
-        return found
-
-    def _child(self, path: str, value: dict[str, Any]) -> JsonObject:
-        child = JsonObject(value, path)
-        child.bad = self.bad  # one list for the whole body
-        return child
-
-    def raise_if_bad(self) -> None:
-        if self.bad:
-            raise InvalidArgument(self.bad)
-
-
-def json_flag(body: dict[str, Any], name: str) -> bool:
-    """A boolean field of the body: only JSON true or false; absent or null is false."""
-    fields = JsonObject(body)
-    value = fields.flag(name)
-    fields.raise_if_bad()
     return value
 
 

@@ -208,13 +208,15 @@ class JobService:
             metrics.COST_CENTS.labels(resolved.model, "estimated").inc(admitted.job.cost_cents)
         return Admission(admitted.job, cost, admitted.created)
 
-    def check_webhook(self, url: str, events: list[str], field: str) -> Webhook:
+    def check_webhook(
+        self, url: str, events: list[str], url_field: str, events_field: str
+    ) -> Webhook:
         """A job's webhook from the request: a URL the SSRF guard accepts and known events
-        (none given: all)."""
-        check_webhook_url(url, self._webhook_allow_private, f"{field}.url")
+        (none given: all); a refusal names the field as the request spells it."""
+        check_webhook_url(url, self._webhook_allow_private, url_field)
         unknown = [e for e in events if e not in WEBHOOK_EVENTS]
         if unknown:
-            raise InvalidArgument.one(f"{field}.events", f"each one of {list(WEBHOOK_EVENTS)}")
+            raise InvalidArgument.one(events_field, f"each one of {list(WEBHOOK_EVENTS)}")
         return Webhook(url, tuple(dict.fromkeys(events)) or WEBHOOK_EVENTS)
 
     def _namespace(self, caller: Caller) -> str:
@@ -377,10 +379,17 @@ class JobService:
                 continue
             job = await self._lifecycle.snapshot(job_id)
             if _finished(job) and not await self._events.read(job_id, after):
-                final = events_pb2.JobEvent(id=after, job_id=job_id)
+                # An id of its own, after the last one seen: clients deduplicate by id.
+                final = events_pb2.JobEvent(id=_next_event_id(after), job_id=job_id)
                 final.final.job.CopyFrom(job)
                 yield final
                 return
+
+
+def _next_event_id(event_id: str) -> str:
+    """The id right after `event_id` ("ms-seq": the same millisecond, the next sequence)."""
+    millis, _, sequence = event_id.partition("-")
+    return f"{millis}-{int(sequence or 0) + 1}"
 
 
 def _finished(job: types_pb2.Job) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 from collections.abc import Iterator
 
@@ -47,7 +48,8 @@ from services.gateway.auth import (
     method_scopes,
 )
 from services.gateway.grpc_api import CostServicer, ImageServicer
-from services.gateway.http_api import build_app, job_json
+from services.gateway.http_api import build_app
+from services.gateway.http_json import job_json
 from services.gateway.hub import EventHub
 from services.gateway.jobs import JobService
 from services.gateway.retention import Retention, clean_forever
@@ -146,7 +148,7 @@ async def start(settings: GatewaySettings) -> Service:
 
     async def render(job_id: str) -> dict[str, object]:
         """A job as the HTTP API shows it: a webhook's `data`."""
-        return job_json(signed_job(await lifecycle.snapshot(job_id), objects.download_url))
+        return dict(job_json(signed_job(await lifecycle.snapshot(job_id), objects.download_url)))
 
     stop_background = asyncio.Event()
     dispatcher = WebhookDispatcher(
@@ -201,7 +203,8 @@ async def start(settings: GatewaySettings) -> Service:
             ),
             log_level="warning",
             lifespan="off",
-            timeout_graceful_shutdown=int(settings.grace_seconds),
+            # Open SSE streams get the grace to end (then they are closed): whole seconds.
+            timeout_graceful_shutdown=max(1, math.ceil(settings.grace_seconds)),
         )
     )
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
@@ -214,6 +217,8 @@ async def start(settings: GatewaySettings) -> Service:
     async def stop_http() -> None:
         http.should_exit = True
         await http_task
+
+    async def stop_health() -> None:
         health.cancel()
         await asyncio.gather(health, return_exceptions=True)
 
@@ -230,7 +235,8 @@ async def start(settings: GatewaySettings) -> Service:
             evaluator_channel.close,
             hub.close,
             stop_background_tasks,
-            stop_http,
+            stop_health,
         ],
         http_port=sock.getsockname()[1],
+        drains=[stop_http],
     )

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Literal
 
 import asyncpg
 
@@ -57,7 +58,7 @@ class Upload:
     "POST" (an S3 POST policy: `fields` first, then the file, as multipart/form-data)."""
 
     key: str
-    method: str
+    method: Literal["PUT", "POST"]
     upload_url: str
     headers: dict[str, str]
     fields: dict[str, str]

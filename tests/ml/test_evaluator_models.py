@@ -180,7 +180,7 @@ def test_the_process_exits_2_with_one_line_before_serving(tmp_path: Path) -> Non
         check=False,
     )
     assert done.returncode == 2
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines[-1].endswith(f"CLIP_CHECKPOINT {missing}: no such file")
-    assert " ERROR " in lines[-1]
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1]["message"] == f"CLIP_CHECKPOINT {missing}: no such file"
+    assert lines[-1]["level"] == "ERROR" and lines[-1]["service"] == "evaluator"
     assert "listening" not in done.stderr
