@@ -22,6 +22,7 @@ from bench import (
     evaluator,
     mesh_overhead,
     moderation,
+    observability,
     polling,
     sse_fanout,
     throughput,
@@ -37,7 +38,15 @@ HERE = Path(__file__).parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", help="run just this benchmark (e.g. polling); no files written")
+    parser.add_argument(
+        "--only", help="run just this benchmark (e.g. polling); no files written but with --merge"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: put its result into bench/results.json (the others kept) and "
+        "render RESULTS.md again",
+    )
     args = parser.parse_args()
     # A SIGTERM unwinds like Ctrl-C, so the mesh and its stores are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
@@ -64,9 +73,13 @@ def main() -> None:
         "engine": lambda: engine.run(quick),
         "evaluator": lambda: evaluator.run(quick),
         "moderation": lambda: asyncio.to_thread(moderation.run, 100 if quick else 300),
+        # Its own meshes: a fresh one per run, metrics and tracing off or on.
+        "observability": lambda: observability.run(quick),
     }
     if args.only and args.only not in {*runs, *standalone}:
         parser.error(f"--only: one of {sorted({*runs, *standalone})}")
+    if args.merge and (quick or not args.only):
+        parser.error("--merge: with --only, and not with --quick")
     started = time.perf_counter()
     if args.only in (None, *runs):
         with running_mesh() as mesh:
@@ -80,6 +93,11 @@ def main() -> None:
             results[name] = asyncio.run(run())
     if args.only:
         print(json.dumps(results[args.only], indent=2))
+        if args.merge:
+            merged = json.loads((HERE / "results.json").read_text())
+            merged[args.only] = {"date": results["date"], **results[args.only]}
+            (HERE / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+            (HERE / "RESULTS.md").write_text(render(merged))
         return
     results["wall_s"] = time.perf_counter() - started
     name = "results.quick.json" if quick else "results.json"

@@ -9,6 +9,8 @@ import asyncio
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -26,9 +28,15 @@ from services.jobs.records import JobRecord, JobStatus
 from services.mesh import Mesh
 
 CONCURRENCY = 32
+WARMUP = 50  # calls before the measured runs: lazy imports, connections, first allocations
+SPEC = {"prompt": "a quiet street", "width": 64, "height": 64, "steps": 4}
+
+# One CreateJob with the given seed (a different seed each: no two jobs are the same).
+Call = Callable[[int], Awaitable[None]]
 
 
-async def _drive(count: int, call: Any) -> dict[str, float]:
+async def drive(count: int, call: Call) -> dict[str, float]:
+    """`count` calls, CONCURRENCY at a time: calls/s, latency percentiles, errors."""
     latencies: list[float] = []
     errors = 0
     semaphore = asyncio.Semaphore(CONCURRENCY)
@@ -47,6 +55,7 @@ async def _drive(count: int, call: Any) -> dict[str, float]:
     await asyncio.gather(*(one() for _ in range(count)))
     wall = time.perf_counter() - started
     return {
+        "admitted": len(latencies),
         "per_s": len(latencies) / wall,
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
@@ -60,35 +69,48 @@ def _summary(runs: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-async def run(mesh: Mesh, count: int, repeats: int) -> dict[str, Any]:
-    mesh.stop_service("generator")  # queueing only: nothing consumes the queue
-    spec = {"prompt": "a quiet street", "width": 64, "height": 64, "steps": 4}
-
+@asynccontextmanager
+async def grpc_create_job(mesh: Mesh) -> AsyncIterator[Call]:
+    """CreateJob over gRPC on one channel to the gateway, open for the block."""
     async with grpc.aio.insecure_channel(
         mesh.addr("gateway"), interceptors=mesh.auth_interceptors
     ) as channel:
         stub = image_service_pb2_grpc.ImageServiceStub(channel)
 
-        async def grpc_call(seed: int) -> None:
+        async def call(seed: int) -> None:
             message = types_pb2.GenerationSpec(
                 text="a quiet street", width_px=64, height_px=64, steps=4, seed=seed
             )
             await stub.CreateJob(image_service_pb2.CreateJobRequest(spec=message), timeout=30)
 
-        await _drive(50, grpc_call)
-        grpc_runs = [await _drive(count, grpc_call) for _ in range(repeats)]
+        yield call
 
+
+@asynccontextmanager
+async def http_create_job(mesh: Mesh) -> AsyncIterator[Call]:
+    """POST /api/generate/text-to-image on one connection pool, open for the block."""
     limits = httpx.Limits(max_connections=CONCURRENCY + 4)
     async with httpx.AsyncClient(
         base_url=mesh.http_url, headers=mesh.auth, timeout=30, limits=limits
     ) as client:
 
-        async def http_call(seed: int) -> None:
-            response = await client.post("/api/generate/text-to-image", json={**spec, "seed": seed})
+        async def call(seed: int) -> None:
+            response = await client.post("/api/generate/text-to-image", json={**SPEC, "seed": seed})
             response.raise_for_status()
 
-        await _drive(50, http_call)
-        http_runs = [await _drive(count, http_call) for _ in range(repeats)]
+        yield call
+
+
+async def run(mesh: Mesh, count: int, repeats: int) -> dict[str, Any]:
+    mesh.stop_service("generator")  # queueing only: nothing consumes the queue
+
+    async with grpc_create_job(mesh) as grpc_call:
+        await drive(WARMUP, grpc_call)
+        grpc_runs = [await drive(count, grpc_call) for _ in range(repeats)]
+
+    async with http_create_job(mesh) as http_call:
+        await drive(WARMUP, http_call)
+        http_runs = [await drive(count, http_call) for _ in range(repeats)]
 
     pool = await db.connect(mesh.env["DATABASE_URL"], max_size=CONCURRENCY)
     redis = connect_redis(mesh.env["REDIS_URL"])
@@ -114,8 +136,8 @@ async def run(mesh: Mesh, count: int, repeats: int) -> dict[str, Any]:
         await lifecycle.admit(job)  # the row and its snapshot, the first event, the queue entry
 
     try:
-        await _drive(50, direct_call)
-        direct_runs = [await _drive(count, direct_call) for _ in range(repeats)]
+        await drive(WARMUP, direct_call)
+        direct_runs = [await drive(count, direct_call) for _ in range(repeats)]
     finally:
         await pool.close()
         await redis.aclose()

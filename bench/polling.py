@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import httpx
-import psutil
+import psutil  # type: ignore[import-untyped]
 from imagegen.v1 import image_service_pb2, image_service_pb2_grpc
 
 from bench.stats import median
@@ -29,7 +29,7 @@ POLL_INTERVAL_S = 0.05
 TERMINAL = ("completed", "failed", "cancelled")
 
 
-def _postgres_processes(data_dir: Path) -> list[psutil.Process]:
+def postgres_processes(data_dir: Path) -> list[psutil.Process]:
     """The embedded Postgres server of the mesh (postmaster and every backend)."""
     found = []
     for process in psutil.process_iter(["name", "cmdline"]):
@@ -40,7 +40,7 @@ def _postgres_processes(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def _cpu_seconds(processes: list[psutil.Process]) -> float:
+def cpu_seconds(processes: list[psutil.Process]) -> float:
     total = 0.0
     for process in processes:
         try:
@@ -55,15 +55,15 @@ async def _cpu_per_call(
     call: Any, count: int, gateway: psutil.Process, postgres_dir: Path
 ) -> dict[str, float]:
     """CPU milliseconds per call, in the gateway and in Postgres, over `count` calls."""
-    postgres = _postgres_processes(postgres_dir)
-    gateway_before, postgres_before = _cpu_seconds([gateway]), _cpu_seconds(postgres)
+    postgres = postgres_processes(postgres_dir)
+    gateway_before, postgres_before = cpu_seconds([gateway]), cpu_seconds(postgres)
     started = time.perf_counter()
     for _ in range(count):
         await call()
     wall = time.perf_counter() - started
-    postgres = _postgres_processes(postgres_dir)  # backends opened meanwhile count too
-    gateway_ms = (_cpu_seconds([gateway]) - gateway_before) * 1e3 / count
-    postgres_ms = (_cpu_seconds(postgres) - postgres_before) * 1e3 / count
+    postgres = postgres_processes(postgres_dir)  # backends opened meanwhile count too
+    gateway_ms = (cpu_seconds([gateway]) - gateway_before) * 1e3 / count
+    postgres_ms = (cpu_seconds(postgres) - postgres_before) * 1e3 / count
     return {
         "gateway_cpu_ms": gateway_ms,
         "postgres_cpu_ms": postgres_ms,

@@ -241,6 +241,8 @@ def render(r: dict[str, Any]) -> str:
         "of the floor's rate.",
         "",
     ]
+    if "observability" in r:
+        lines += _observability(r["observability"])
     if "evaluator" in r:
         lines += _evaluator(r["evaluator"])
     if "moderation" in r:
@@ -289,3 +291,89 @@ def _moderation(m: dict[str, Any]) -> list[str]:
     ):
         lines.append(_row(name, m[key]["p50_us"], m[key]["p99_us"]))
     return [*lines, ""]
+
+
+def _observability(o: dict[str, Any]) -> list[str]:
+    p = o["latency_params"]
+    pairs = o["rounds"] * o["pairs_per_round"]
+    when = f", run {o['date']}" if "date" in o else ""
+    lines = [
+        "## The cost of watching: metrics and tracing",
+        "",
+        "Metrics and tracing off (`METRICS_PORT=-1`, no `OTEL_*`) against on (`METRICS_PORT=0`, "
+        "OTLP/gRPC span export to a trace receiver in the benchmark's process, batch span "
+        f"processor every {o['bsp_schedule_delay_ms']} ms){when}. {o['rounds']} rounds, each "
+        "with two fresh meshes side by side (one off, one on), used in turn: "
+        f"{o['latency_jobs_per_round']} mesh-overhead jobs each ({p['width']}x{p['height']}, "
+        f"{p['steps']} steps), then {o['pairs_per_round']} admission bursts each per protocol "
+        f"({o['requests']} CreateJob at concurrency {o['concurrency']}, generator stopped), "
+        "off then on, the trace receiver idle before every run. Ratios on/off are medians of "
+        f"the {pairs} pairs' ratios; a pair is clean when other processes on the machine took "
+        f"under {o['other_cpu_limit']:.1f} of a core during both runs. `python -m bench --only "
+        "observability --merge` reruns it.",
+        "",
+        "| measure | off | on | on/off (pairs) | on/off (medians) | clean pairs: on/off |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key in (
+        ("gRPC CreateJob/s", "grpc"),
+        ("HTTP POST jobs/s", "http"),
+        ("job ms (HTTP -> SSE final)", "latency_total_ms"),
+        ("its mesh part ms (minus render, encode)", "latency_mesh_ms"),
+        ("its admission ms (the POST)", "latency_admission_ms"),
+    ):
+        m = o[key]
+        clean = f"{m['clean_ratio']:.3f} ({m['clean_pairs']})" if m["clean_ratio"] else "none"
+        lines.append(
+            _row(
+                label, m["off"], m["on"], f"{m['ratio']:.3f}", f"{m['ratio_of_medians']:.3f}", clean
+            )
+        )
+    lines += [
+        "",
+        "Each admission pair, jobs/s off / on (other processes' load, cores, off / on):",
+        "",
+        "| pair | gRPC off | gRPC on | on/off | other | HTTP off | HTTP on | on/off | other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i in range(pairs):
+        cells: list[Any] = [i]
+        for key in ("grpc", "http"):
+            m = o[key]
+            other = m["other_cores_runs"][i]
+            cells += [
+                m["off_runs"][i],
+                m["on_runs"][i],
+                f"{m['pair_ratios'][i]:.3f}",
+                f"{other[0]:.2f} / {other[1]:.2f}",
+            ]
+        lines.append(_row(*cells))
+    lines += [
+        "",
+        "CPU milliseconds per admitted job by process (medians; `bench` is the load driver and "
+        "the trace receiver). On 2 shared cores the rate follows the CPU a job takes: "
+        f"off/on of the total is {o['grpc']['cpu_implied_ratio']:.3f} (gRPC) and "
+        f"{o['http']['cpu_implied_ratio']:.3f} (HTTP).",
+        "",
+        "| process | gRPC off | gRPC on | HTTP off | HTTP on |",
+        "|---|---|---|---|---|",
+    ]
+    for part in o["grpc"]["cpu_ms_per_job"]["off"]:
+        cells = [o[k]["cpu_ms_per_job"][m][part] for k in ("grpc", "http") for m in ("off", "on")]
+        lines.append("| " + part + " | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    last = o["round_details"][-1]
+    names = ", ".join(f"{n} ({c:.1f})" for n, c in last["grpc_span_names_per_job"].items())
+    verdict = "met" if o["meets_acceptance"] else "NOT met"
+    lines += [
+        "",
+        f"Spans per admitted job: {o['grpc']['spans_per_job']:.1f} over gRPC ({names}), "
+        f"{o['http']['spans_per_job']:.1f} over HTTP; per rendered job "
+        f"{o['spans_per_rendered_job']:.0f}. In the last round the `on` cache's own `/metrics` "
+        f"counted {last['metrics']['on']['cache_lookups_counted']:.0f} lookups, and "
+        f"{last['spans']['arrived_before_stop']} of {last['spans']['total']} spans arrived "
+        "before the meshes were stopped. Acceptance, on/off of the admission rate at least "
+        f"{o['acceptance']:.2f} for both protocols: {verdict} (gRPC {o['grpc']['ratio']:.3f}, "
+        f"HTTP {o['http']['ratio']:.3f}).",
+        "",
+    ]
+    return lines

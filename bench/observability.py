@@ -1,0 +1,405 @@
+"""The cost of watching: admission (CreateJob/s over gRPC and over HTTP, the generator stopped,
+bench/admission.py's drivers) and one job's latency through the mesh (bench/mesh_overhead.py's
+job, HTTP to the SSE `final` event) with metrics and tracing off and on.
+
+- off: METRICS_PORT=-1 (no metric interceptors or middleware, no /metrics server) and no OTEL_*
+  variable (no tracing interceptors or middleware).
+- on: METRICS_PORT=0 (a metrics server per service) and OTLP/gRPC trace export to a real
+  receiver in this process (bench/trace_sink.py), which counts the spans.
+
+The machine is shared and noisy (2 cores; other engineers' tests come and go), so runs minutes
+apart differ by more than what is measured here. Each round starts two fresh meshes (fresh
+embedded stores), one off and one on, side by side, and alternates between them: off, on, off,
+on, ... one latency job at a time, then one admission burst at a time, so that the two runs of
+a pair are seconds apart. Before each run the trace receiver must have been idle for a while:
+the `on` mesh's span export is done before the next run starts. The figures are medians; the
+ratios on/off are the medians of each pair's ratio (and, beside them, the ratio of the medians).
+
+Each round also proves its modes: every `on` burst's spans (those that started during it) must
+reach the receiver, and the `on` cache's own /metrics (found by its listening port) must have
+counted the gateway's lookups; from the `off` mesh no span may arrive, none of its services may
+listen on a metrics port and its gateway's /metrics must count no request. A failed proof fails
+the benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import admission, mesh_overhead
+from bench.client import MODEL_DIR
+from bench.polling import cpu_seconds, postgres_processes
+from bench.stats import median
+from bench.trace_sink import Span, TraceSink
+from services.mesh import Mesh, Ports, prepare_mesh, start_services
+
+MODES = ("off", "on")
+# How often the services' span processors export (ms; the SDK's default is 5000): spans also
+# go out whenever 512 are waiting, and a stopping service flushes what is left.
+BSP_SCHEDULE_DELAY_MS = 1000
+ACCEPTANCE = 0.95  # on/off admission rate: watching may cost at most 5%
+# A pair is "clean" when, during both of its runs, processes outside this benchmark used less
+# CPU than this (in cores).
+OTHER_CPU_LIMIT = 0.2
+PARTS = ("gateway", "cache", "postgres", "redis", "bench")  # CPU per job, by process
+
+
+def _mode_env(mode: str, sink: TraceSink) -> dict[str, str]:
+    if mode == "off":
+        return {"METRICS_PORT": "-1"}
+    return {
+        "METRICS_PORT": "0",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": str(BSP_SCHEDULE_DELAY_MS),
+    }
+
+
+@asynccontextmanager
+async def _mesh(folder: Path, env: dict[str, str]) -> AsyncIterator[Mesh]:
+    """The four services on fresh embedded stores in `folder`, with `env` and no other OTEL_*
+    variable (whatever this process's environment holds)."""
+    extra = {"MODEL_DIR": str(MODEL_DIR), "LOG_LEVEL": "WARNING", **env}
+    mesh = await asyncio.to_thread(prepare_mesh, folder, Ports.free(), extra)
+    for name in [n for n in mesh.env if n.startswith("OTEL_") and n not in env]:
+        del mesh.env[name]
+    await start_services(mesh, folder / "logs")
+    try:
+        yield mesh
+    finally:
+        await asyncio.to_thread(mesh.stop)  # SIGTERM: each service flushes its spans
+
+
+# CPU accounting
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has spent since boot (all cores)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + t.irq + t.softirq + t.steal)
+
+
+def _ours(meshes: dict[str, Mesh]) -> float:
+    """CPU seconds of this process, its children (services, Redis) and the meshes' Postgres."""
+    me = psutil.Process()
+    postgres = [p for m in meshes.values() for p in postgres_processes(m.data_dir / "postgres")]
+    return cpu_seconds([me, *me.children(recursive=True), *postgres])
+
+
+def _parts(mesh: Mesh) -> dict[str, list[psutil.Process]]:
+    me = psutil.Process()
+    return {
+        "gateway": [psutil.Process(mesh.processes["gateway"].pid)],
+        "cache": [psutil.Process(mesh.processes["cache"].pid)],
+        "postgres": postgres_processes(mesh.data_dir / "postgres"),
+        "redis": [p for p in me.children() if mesh.data_dir.name in " ".join(p.cmdline())],
+        "bench": [me],  # the load driver (and the trace receiver's thread)
+    }
+
+
+@contextmanager
+def _cpu(mesh: Mesh, meshes: dict[str, Mesh], into: dict[str, float]) -> Iterator[None]:
+    """CPU seconds spent over the block by each part of `mesh` (PARTS), and the cores busy on
+    average outside this benchmark ("other_cores": another engineer's tests)."""
+    parts = {name: cpu_seconds(ps) for name, ps in _parts(mesh).items()}
+    ours, busy, started = _ours(meshes), _busy_s(), time.perf_counter()
+    yield
+    wall = time.perf_counter() - started
+    # Processes listed again: Postgres backends opened meanwhile count too.
+    for name, ps in _parts(mesh).items():
+        into[name] = cpu_seconds(ps) - parts[name]
+    into["other_cores"] = (_busy_s() - busy - (_ours(meshes) - ours)) / wall
+
+
+# Runs
+
+
+async def _latency(meshes: dict[str, Mesh], sink: TraceSink, jobs: int) -> list[dict[str, Any]]:
+    """bench/mesh_overhead.py's job, two warm-ups on each mesh, then one job on each in turn."""
+    async with AsyncExitStack() as stack:
+        clients = {
+            mode: await stack.enter_async_context(
+                httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth, timeout=120)
+            )
+            for mode, mesh in meshes.items()
+        }
+        for mode in MODES:
+            for _ in range(2):
+                await mesh_overhead.one_job(meshes[mode], clients[mode])
+        pairs = []
+        for _ in range(jobs):
+            pair = {}
+            for mode in MODES:
+                await sink.idle(BSP_SCHEDULE_DELAY_MS / 1e3 + 0.5, within_s=15)
+                cpu: dict[str, float] = {}
+                with _cpu(meshes[mode], meshes, cpu):
+                    started = time.time_ns()
+                    job = await mesh_overhead.one_job(meshes[mode], clients[mode])
+                    ended = time.time_ns()
+                pair[mode] = {
+                    "window_ns": [started, ended],
+                    "total_ms": job["total"],
+                    # What the mesh adds around the render and encode (what watching can change).
+                    "mesh_ms": job["total"] - job["generation"] - job["encode"],
+                    "admission_ms": job["admission"],
+                    "other_cores": cpu["other_cores"],
+                }
+            pairs.append(pair)
+    return pairs
+
+
+Caller = Callable[[Mesh], AbstractAsyncContextManager[admission.Call]]
+
+
+async def _admissions(
+    meshes: dict[str, Mesh], caller: Caller, sink: TraceSink, count: int, pairs: int
+) -> list[dict[str, Any]]:
+    """bench/admission.py's warm-up on each mesh, then `count` calls on each in turn, `pairs`
+    times: each burst's rate, window (unix ns) and CPU per admitted job by part."""
+    out = []
+    async with AsyncExitStack() as stack:
+        calls = {m: await stack.enter_async_context(caller(meshes[m])) for m in MODES}
+        for mode in MODES:
+            await admission.drive(admission.WARMUP, calls[mode])
+        for _ in range(pairs):
+            pair = {}
+            for mode in MODES:
+                await sink.idle(BSP_SCHEDULE_DELAY_MS / 1e3 + 0.5, within_s=15)
+                cpu: dict[str, float] = {}
+                with _cpu(meshes[mode], meshes, cpu):
+                    started = time.time_ns()
+                    result = await admission.drive(count, calls[mode])
+                    ended = time.time_ns()
+                jobs = max(result["admitted"], 1)
+                pair[mode] = {
+                    **result,
+                    "window_ns": [started, ended],
+                    "cpu_ms_per_job": {p: cpu[p] * 1e3 / jobs for p in PARTS},
+                    "other_cores": cpu["other_cores"],
+                }
+            out.append(pair)
+    return out
+
+
+def _samples(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+async def _metrics(mesh: Mesh) -> dict[str, Any]:
+    """What the metrics say: the cache's own metrics port (the one it listens on besides its
+    gRPC port), the lookups its /metrics counted, and what the gateway's /metrics counted."""
+    cache = psutil.Process(mesh.processes["cache"].pid)
+    listening = {
+        c.laddr.port for c in cache.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN
+    }
+    ports = sorted(listening - {mesh.ports.cache})
+    out: dict[str, Any] = {"cache_metrics_port": ports[0] if ports else None}
+    async with httpx.AsyncClient(timeout=10) as client:
+        if ports:
+            text = (await client.get(f"http://127.0.0.1:{ports[0]}/metrics")).raise_for_status()
+            out["cache_lookups_counted"] = _samples(
+                text.text, "imagegen_grpc_server_handled_total", grpc_method="Lookup"
+            )
+        gateway = (await client.get(f"{mesh.http_url}/metrics")).raise_for_status().text
+    out["gateway_create_job_counted"] = _samples(
+        gateway, "imagegen_grpc_server_handled_total", grpc_method="CreateJob"
+    )
+    out["gateway_http_requests_counted"] = _samples(gateway, "imagegen_http_requests_total")
+    return out
+
+
+def _spans_per_job(burst: dict[str, Any], spans: list[Span]) -> tuple[float, Counter[str]]:
+    """Spans that started during the burst, per admitted job; and by service and name."""
+    low, high = burst["window_ns"]
+    mine = [s for s in spans if low <= s[0] <= high]
+    return len(mine) / max(burst["admitted"], 1), Counter(f"{s[1]} {s[2]}" for s in mine)
+
+
+def _check(round_: dict[str, Any], admitted: int) -> list[str]:
+    """What shows that a round's meshes were not in the modes they claim."""
+    on, off = round_["metrics"]["on"], round_["metrics"]["off"]
+    bursts = [p["on"] for key in ("grpc", "http") for p in round_[key]]
+    return [
+        *(["an `on` burst got no span"] if any(b["spans_per_job"] <= 0 for b in bursts) else []),
+        *(["the `on` cache served no /metrics"] if on["cache_metrics_port"] is None else []),
+        *(
+            ["the `on` cache's /metrics counted fewer lookups than jobs"]
+            if on.get("cache_lookups_counted", 0) < admitted
+            else []
+        ),
+        *(["the `off` cache serves /metrics"] if off["cache_metrics_port"] is not None else []),
+        *(
+            ["the `off` gateway's metric interceptors counted"]
+            if off["gateway_create_job_counted"] or off["gateway_http_requests_counted"]
+            else []
+        ),
+        *(
+            ["spans started during `off` bursts"]
+            if any(p["off"]["spans_per_job"] for key in ("grpc", "http") for p in round_[key])
+            else []
+        ),
+    ]
+
+
+async def _round(
+    index: int, sink: TraceSink, count: int, pairs: int, latency_jobs: int
+) -> dict[str, Any]:
+    mark = sink.received()
+    round_: dict[str, Any] = {"index": index}
+    async with AsyncExitStack() as stack:
+        meshes = {}
+        for mode in MODES:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imagegen-")))
+            meshes[mode] = await stack.enter_async_context(_mesh(folder, _mode_env(mode, sink)))
+        round_["latency"] = await _latency(meshes, sink, latency_jobs)
+        for mesh in meshes.values():  # queueing only from here
+            await asyncio.to_thread(mesh.stop_service, "generator")
+        for key, caller in (
+            ("grpc", admission.grpc_create_job),
+            ("http", admission.http_create_job),
+        ):
+            round_[key] = await _admissions(meshes, caller, sink, count, pairs)
+        round_["metrics"] = {mode: await _metrics(mesh) for mode, mesh in meshes.items()}
+        stopping = time.time_ns()
+    # Both meshes stopped: every span has been flushed.
+    spans, exports = sink.since(mark)
+    for key in ("grpc", "http"):
+        for pair in round_[key]:
+            for mode in MODES:
+                pair[mode]["spans_per_job"] = _spans_per_job(pair[mode], spans)[0]
+        last = round_[key][-1]["on"]
+        names = _spans_per_job(last, spans)[1]
+        round_[f"{key}_span_names_per_job"] = {
+            n: c / max(last["admitted"], 1) for n, c in sorted(names.items())
+        }
+    for pair in round_["latency"]:
+        for mode in MODES:
+            low, high = pair[mode]["window_ns"]
+            pair[mode]["spans"] = sum(low <= s[0] <= high for s in spans)
+    round_["spans"] = {
+        "total": len(spans),
+        "by_service": dict(sorted(Counter(s[1] for s in spans).items())),
+        "exports": len(exports),
+        "arrived_before_stop": sum(n for at, n in exports if at < stopping),
+    }
+    admitted = sum(p["on"]["admitted"] for key in ("grpc", "http") for p in round_[key])
+    problems = _check(round_, admitted)
+    if problems:
+        raise RuntimeError(f"observability round {index}: " + "; ".join(problems))
+    return round_
+
+
+# The whole benchmark
+
+
+def _pair_ratios(
+    pairs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]
+) -> dict[str, Any]:
+    """Medians of `value` by mode, on/off of the medians, the median of each pair's on/off
+    (overall and over the clean pairs only)."""
+    values = {mode: [value(p[mode]) for p in pairs] for mode in MODES}
+    ratios = [value(p["on"]) / value(p["off"]) for p in pairs]
+    clean = [
+        r
+        for r, p in zip(ratios, pairs, strict=True)
+        if max(p["off"]["other_cores"], p["on"]["other_cores"]) <= OTHER_CPU_LIMIT
+    ]
+    return {
+        **{mode: median(values[mode]) for mode in MODES},
+        **{f"{mode}_runs": values[mode] for mode in MODES},
+        "pair_ratios": ratios,
+        "other_cores_runs": [[p[m]["other_cores"] for m in MODES] for p in pairs],
+        "ratio": median(ratios),
+        "ratio_of_medians": median(values["on"]) / median(values["off"]),
+        "clean_pairs": len(clean),
+        "clean_ratio": median(clean) if clean else None,
+    }
+
+
+def _field(key: str) -> Callable[[dict[str, Any]], float]:
+    return lambda run: float(run[key])
+
+
+def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("grpc", "http"):
+        pairs = [p for r in rounds for p in r[key]]
+        out[key] = {
+            **_pair_ratios(pairs, _field("per_s")),
+            "p50_ms": {m: median([p[m]["p50_ms"] for p in pairs]) for m in MODES},
+            "errors": sum(p[m]["errors"] for p in pairs for m in MODES),
+            "cpu_ms_per_job": {
+                m: {part: median([p[m]["cpu_ms_per_job"][part] for p in pairs]) for part in PARTS}
+                for m in MODES
+            },
+            "spans_per_job": median([p["on"]["spans_per_job"] for p in pairs]),
+            # CPU-bound (2 cores shared by all of it), the rate follows the CPU a job takes.
+            "cpu_implied_ratio": median(
+                [
+                    sum(p["off"]["cpu_ms_per_job"].values())
+                    / sum(p["on"]["cpu_ms_per_job"].values())
+                    for p in pairs
+                ]
+            ),
+            "span_names_per_job": rounds[-1][f"{key}_span_names_per_job"],
+        }
+    jobs = [p for r in rounds for p in r["latency"]]
+    for key in ("total_ms", "mesh_ms", "admission_ms"):
+        out[f"latency_{key}"] = _pair_ratios(jobs, _field(key))
+    out["spans_per_rendered_job"] = median([j["on"]["spans"] for j in jobs])
+    out["meets_acceptance"] = all(out[k]["ratio"] >= ACCEPTANCE for k in ("grpc", "http"))
+    return out
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    rounds_, pairs, count, latency_jobs = (1, 2, 200, 2) if quick else (2, 8, 1000, 5)
+    rounds = []
+    with TraceSink() as sink:
+        for index in range(rounds_):
+            round_ = await _round(index, sink, count, pairs, latency_jobs)
+            for key in ("grpc", "http"):
+                for p in round_[key]:
+                    print(
+                        f"  {key:4}  off {p['off']['per_s']:6.1f}/s  on {p['on']['per_s']:6.1f}/s"
+                        f"  on/off {p['on']['per_s'] / p['off']['per_s']:.3f}  spans/job "
+                        f"{p['on']['spans_per_job']:.1f}  other load {p['off']['other_cores']:.2f}"
+                        f", {p['on']['other_cores']:.2f} cores",
+                        flush=True,
+                    )
+            rounds.append(round_)
+    return {
+        "rounds": rounds_,
+        "pairs_per_round": pairs,
+        "requests": count,
+        "concurrency": admission.CONCURRENCY,
+        "latency_jobs_per_round": latency_jobs,
+        "latency_params": mesh_overhead.PARAMS,
+        "bsp_schedule_delay_ms": BSP_SCHEDULE_DELAY_MS,
+        "other_cpu_limit": OTHER_CPU_LIMIT,
+        "acceptance": ACCEPTANCE,
+        **_summary(rounds),
+        "round_details": rounds,
+    }
