@@ -25,6 +25,7 @@ the benchmark.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from collections import Counter
@@ -50,6 +51,7 @@ from bench.trace_sink import Span, TraceSink
 from services.mesh import Mesh, Ports, prepare_mesh, start_services
 
 MODES = ("off", "on")
+PROTOCOLS = ("grpc", "http")
 # How often the services' span processors export (ms; the SDK's default is 5000): spans also
 # go out whenever 512 are waiting, and a stopping service flushes what is left.
 BSP_SCHEDULE_DELAY_MS = 1000
@@ -63,12 +65,16 @@ PARTS = ("gateway", "cache", "postgres", "redis", "bench")  # CPU per job, by pr
 def _mode_env(mode: str, sink: TraceSink) -> dict[str, str]:
     if mode == "off":
         return {"METRICS_PORT": "-1"}
+    # More for the `on` mesh, to see what a setting buys, e.g. BENCH_ON_ENV="OTEL_TRACES_SAMPLER=
+    # parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1" (`make bench` sets none).
+    extra = dict(item.split("=", 1) for item in os.environ.get("BENCH_ON_ENV", "").split())
     return {
         "METRICS_PORT": "0",
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": str(BSP_SCHEDULE_DELAY_MS),
+        **extra,
     }
 
 
@@ -241,7 +247,7 @@ def _spans_per_job(burst: dict[str, Any], spans: list[Span]) -> tuple[float, Cou
 def _check(round_: dict[str, Any], admitted: int) -> list[str]:
     """What shows that a round's meshes were not in the modes they claim."""
     on, off = round_["metrics"]["on"], round_["metrics"]["off"]
-    bursts = [p["on"] for key in ("grpc", "http") for p in round_[key]]
+    bursts = [p["on"] for key in PROTOCOLS for p in round_[key]]
     return [
         *(["an `on` burst got no span"] if any(b["spans_per_job"] <= 0 for b in bursts) else []),
         *(["the `on` cache served no /metrics"] if on["cache_metrics_port"] is None else []),
@@ -258,7 +264,7 @@ def _check(round_: dict[str, Any], admitted: int) -> list[str]:
         ),
         *(
             ["spans started during `off` bursts"]
-            if any(p["off"]["spans_per_job"] for key in ("grpc", "http") for p in round_[key])
+            if any(p["off"]["spans_per_job"] for key in PROTOCOLS for p in round_[key])
             else []
         ),
     ]
@@ -286,7 +292,7 @@ async def _round(
         stopping = time.time_ns()
     # Both meshes stopped: every span has been flushed.
     spans, exports = sink.since(mark)
-    for key in ("grpc", "http"):
+    for key in PROTOCOLS:
         for pair in round_[key]:
             for mode in MODES:
                 pair[mode]["spans_per_job"] = _spans_per_job(pair[mode], spans)[0]
@@ -305,7 +311,7 @@ async def _round(
         "exports": len(exports),
         "arrived_before_stop": sum(n for at, n in exports if at < stopping),
     }
-    admitted = sum(p["on"]["admitted"] for key in ("grpc", "http") for p in round_[key])
+    admitted = sum(p["on"]["admitted"] for key in PROTOCOLS for p in round_[key])
     problems = _check(round_, admitted)
     if problems:
         raise RuntimeError(f"observability round {index}: " + "; ".join(problems))
@@ -345,7 +351,7 @@ def _field(key: str) -> Callable[[dict[str, Any]], float]:
 
 def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("grpc", "http"):
+    for key in PROTOCOLS:
         pairs = [p for r in rounds for p in r[key]]
         out[key] = {
             **_pair_ratios(pairs, _field("per_s")),
@@ -370,7 +376,7 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("total_ms", "mesh_ms", "admission_ms"):
         out[f"latency_{key}"] = _pair_ratios(jobs, _field(key))
     out["spans_per_rendered_job"] = median([j["on"]["spans"] for j in jobs])
-    out["meets_acceptance"] = all(out[k]["ratio"] >= ACCEPTANCE for k in ("grpc", "http"))
+    out["meets_acceptance"] = all(out[k]["ratio"] >= ACCEPTANCE for k in PROTOCOLS)
     return out
 
 
@@ -380,7 +386,7 @@ async def run(quick: bool) -> dict[str, Any]:
     with TraceSink() as sink:
         for index in range(rounds_):
             round_ = await _round(index, sink, count, pairs, latency_jobs)
-            for key in ("grpc", "http"):
+            for key in PROTOCOLS:
                 for p in round_[key]:
                     print(
                         f"  {key:4}  off {p['off']['per_s']:6.1f}/s  on {p['on']['per_s']:6.1f}/s"
@@ -400,6 +406,11 @@ async def run(quick: bool) -> dict[str, Any]:
         "bsp_schedule_delay_ms": BSP_SCHEDULE_DELAY_MS,
         "other_cpu_limit": OTHER_CPU_LIMIT,
         "acceptance": ACCEPTANCE,
+        "on_env": os.environ.get("BENCH_ON_ENV", ""),
         **_summary(rounds),
-        "round_details": rounds,
+        # What proved each round's modes (the runs' own figures are in the lists above).
+        "round_details": [
+            {k: r[k] for k in ("metrics", "spans", *(f"{p}_span_names_per_job" for p in PROTOCOLS))}
+            for r in rounds
+        ],
     }

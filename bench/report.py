@@ -310,7 +310,8 @@ def _observability(o: dict[str, Any]) -> list[str]:
         "off then on, the trace receiver idle before every run. Ratios on/off are medians of "
         f"the {pairs} pairs' ratios; a pair is clean when other processes on the machine took "
         f"under {o['other_cpu_limit']:.1f} of a core during both runs. `python -m bench --only "
-        "observability --merge` reruns it.",
+        "observability --merge` reruns it."
+        + (f" The `on` meshes also had `{o['on_env']}`." if o.get("on_env") else ""),
         "",
         "| measure | off | on | on/off (pairs) | on/off (medians) | clean pairs: on/off |",
         "|---|---|---|---|---|---|",

@@ -263,9 +263,9 @@ class TracingInterceptor(HandlerInterceptor):
         return traced
 
 
-def _start_client(details: Any) -> tuple[Span, Any]:
+def _start_client(client: Tracer, details: Any) -> tuple[Span, Any]:
     method = details.method.decode() if isinstance(details.method, bytes) else details.method
-    span = trace.get_tracer(_CLIENT_SCOPE).start_span(
+    span = client.start_span(
         method.lstrip("/"), kind=SpanKind.CLIENT, attributes=_rpc_attributes(method)
     )
     carrier: dict[str, str] = {}
@@ -278,8 +278,11 @@ def _client_code(error: BaseException) -> grpc.StatusCode:
 
 
 class _UnaryUnaryTracing(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self) -> None:
+        self._tracer = trace.get_tracer(_CLIENT_SCOPE)
+
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        span, details = _start_client(details)
+        span, details = _start_client(self._tracer, details)
         try:
             call = await continuation(details, request)
         except BaseException as error:
@@ -298,8 +301,11 @@ class _UnaryUnaryTracing(grpc.aio.UnaryUnaryClientInterceptor):
 
 
 class _UnaryStreamTracing(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self) -> None:
+        self._tracer = trace.get_tracer(_CLIENT_SCOPE)
+
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        span, details = _start_client(details)
+        span, details = _start_client(self._tracer, details)
         try:
             call = await continuation(details, request)
         except BaseException as error:
