@@ -277,10 +277,12 @@ def _client_code(error: BaseException) -> grpc.StatusCode:
     return error.code() if isinstance(error, grpc.aio.AioRpcError) else grpc.StatusCode.CANCELLED
 
 
-class _UnaryUnaryTracing(grpc.aio.UnaryUnaryClientInterceptor):
+class _ClientTracing:
     def __init__(self) -> None:
         self._tracer = trace.get_tracer(_CLIENT_SCOPE)
 
+
+class _UnaryUnaryTracing(_ClientTracing, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         span, details = _start_client(self._tracer, details)
         try:
@@ -300,10 +302,7 @@ class _UnaryUnaryTracing(grpc.aio.UnaryUnaryClientInterceptor):
         return call
 
 
-class _UnaryStreamTracing(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self) -> None:
-        self._tracer = trace.get_tracer(_CLIENT_SCOPE)
-
+class _UnaryStreamTracing(_ClientTracing, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         span, details = _start_client(self._tracer, details)
         try:
