@@ -39,10 +39,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from services.common import tracing
-from services.common.interceptors import request_id
+from services.common.interceptors import bearer_interceptors, request_id
 from services.common.logs import JsonFormatter, job_id
+from services.common.settings import GatewaySettings
 from services.mesh import free_port
-from tests.conftest import Mesh, ServiceEnv, start_in_process
+from tests.conftest import Mesh, ServiceEnv, new_key, start_in_process
 from tests.otlp import TraceSink
 
 WAIT = 30.0
@@ -153,14 +154,12 @@ async def test_a_job_over_http_is_one_trace_across_the_four_services_and_the_que
         if span is not http_span and parent_id(span) != int(caller_span, 16):
             assert http_span in ancestors(span, by_id), span.name
 
-    # The admission looked up the cache (a gRPC hop, client and server spans).
-    (lookup,) = [
-        s
-        for s in spans
-        if s.name == "imagegen.v1.CacheService/Lookup" and s.kind is SpanKind.SERVER
-    ]
-    assert scope(lookup) == "imagegen.cache"
-    assert http_span in ancestors(lookup, by_id)
+    # The admission looked up the cache: a gRPC hop whose server span is the HTTP span's child
+    # (in-mesh calls send their current span along; they make no client span of their own).
+    (lookup,) = [s for s in spans if s.name == "imagegen.v1.CacheService/Lookup"]
+    assert scope(lookup) == "imagegen.cache" and lookup.kind is SpanKind.SERVER
+    assert http_span.context is not None and parent_id(lookup) == http_span.context.span_id
+    assert not [s.name for s in spans if s.kind is SpanKind.CLIENT]
 
     # Across the queue: the attempt continues the admission's trace, after its wait.
     (attempt,) = [s for s in spans if s.name == "job attempt"]
@@ -223,6 +222,46 @@ async def test_a_grpc_call_continues_the_callers_trace(
     assert not read.status.is_ok  # the refusal is marked on its span, with its code
     assert read.attributes is not None
     assert read.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_a_failed_call_to_a_peer_is_an_event_on_the_callers_span(
+    env: ServiceEnv, exporter: InMemorySpanExporter
+) -> None:
+    from services.gateway.service import start as start_gateway
+
+    # A gateway whose cache is not there: its lookups fail (UNAVAILABLE, after the channel's
+    # retries), admission goes on as on a miss, and the trace says what failed.
+    nowhere = f"127.0.0.1:{free_port()}"
+    gateway = await start_gateway(
+        env.settings(GatewaySettings, http_port=free_port(), cache_addr=nowhere)
+    )
+    header, trace_id, _ = new_traceparent()
+    key = await new_key(env.database_url)
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{gateway.port}", interceptors=bearer_interceptors(key)
+        ) as channel:
+            stub = image_service_pb2_grpc.ImageServiceStub(channel)
+            spec = types_pb2.GenerationSpec(text="a paper boat", width_px=64, height_px=64, steps=4)
+            job = await stub.CreateJob(
+                image_service_pb2.CreateJobRequest(spec=spec), metadata=(("traceparent", header),)
+            )
+            await stub.CancelJob(image_service_pb2.CancelJobRequest(job_id=job.job.id))
+    finally:
+        await gateway.stop(1.0)
+    spans = await until_spans(exporter, trace_id, {"imagegen.v1.ImageService/CreateJob"})
+    (created,) = [s for s in spans if s.name == "imagegen.v1.ImageService/CreateJob"]
+    assert created.status.is_ok  # a missing cache is a miss, not a failed admission
+    failures = [e.attributes for e in created.events if e.name == "rpc failed"]
+    assert failures == [
+        {
+            "rpc.system": "grpc",
+            "rpc.service": "imagegen.v1.CacheService",
+            "rpc.method": "Lookup",
+            "rpc.grpc.status_code": grpc.StatusCode.UNAVAILABLE.value[0],
+        }
+    ]
+    assert not [s.name for s in spans if s.kind is SpanKind.CLIENT]
 
 
 async def test_log_lines_are_json_with_the_job_request_and_trace_ids(

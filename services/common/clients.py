@@ -7,9 +7,7 @@ import json
 
 import grpc
 
-from services.common import metrics
-from services.common.interceptors import metrics_interceptors, request_id_interceptors
-from services.common.tracing import tracing_interceptors
+from services.common.interceptors import mesh_interceptors
 
 _STREAMING_METHODS = [{"service": "imagegen.v1.GeneratorService", "method": "Generate"}]
 
@@ -43,9 +41,5 @@ def open_channel(addr: str, timeout_seconds: float, max_message_bytes: int) -> g
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
         ],
-        interceptors=[
-            *tracing_interceptors(),
-            *(metrics_interceptors() if metrics.collecting() else []),
-            *request_id_interceptors(),
-        ],
+        interceptors=mesh_interceptors(),
     )

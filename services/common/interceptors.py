@@ -1,4 +1,5 @@
-"""Cross-cutting RPC work: request ids, logging, metrics and the exception-to-status table.
+"""Cross-cutting RPC work: request ids, the exception-to-status table and, when on, metrics and
+traces (services.common.watching), in one server interceptor and one client interceptor.
 
 Handlers raise domain errors (services.common.errors); this is the only place that turns them
 into gRPC statuses. Anything unexpected becomes INTERNAL with a generic message, and the detail
@@ -8,18 +9,19 @@ goes to the log, never to the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from services.common import metrics
+from services.common import tracing
 from services.common.errors import ServiceError, Unavailable, to_rpc_status
 from services.common.retry import is_blip
+from services.common.watching import ClientWatch, ServerWatch, Watched, client_code
 
 log = logging.getLogger("imagegen.rpc")
 
@@ -74,154 +76,153 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-class ErrorInterceptor(HandlerInterceptor):
-    """Sets the request id, logs each call, and maps exceptions to statuses."""
+class CallInterceptor(HandlerInterceptor):
+    """Every call's cross-cutting work, in one layer: the request id, the exception-to-status
+    table, and, when metrics or tracing are on, its watch (services.common.watching: counted by
+    the code it ended with, timed, a server span current while the handler runs). One wrapper
+    for all of it, outermost: each layer of a grpc.aio interceptor chain costs an await and a
+    closure per call, and admission is made of small calls."""
+
+    def __init__(self, watch: ServerWatch | None = None) -> None:
+        self._watch = watch
 
     def wrap_unary(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
-        return _wrap_unary(call.method, behaviour)
+        method, watch = call.method, self._watch
+
+        async def handled(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            request_id.set(_request_id_from(context))
+            watched = watch.start(method, call.invocation_metadata) if watch else None
+            error: BaseException | None = None
+            with _current(watched):  # the error's log line belongs to the call's span too
+                try:
+                    return await behaviour(request, context)
+                except Exception as raised:  # the one place that maps every error
+                    error = raised
+                    if isinstance(raised, grpc.aio.AbortError):
+                        raise
+                    await _abort(context, method, raised)
+                except BaseException as raised:
+                    error = raised
+                    raise
+                finally:
+                    if watched is not None:
+                        watched.end(_ended_with(context, error))
+
+        return handled
 
     def wrap_stream(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
-        return _wrap_stream(call.method, behaviour)
+        method, watch = call.method, self._watch
+
+        async def handled(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            request_id.set(_request_id_from(context))
+            watched = watch.start(method, call.invocation_metadata) if watch else None
+            responses = behaviour(request, context).__aiter__()
+            error: BaseException | None = None
+            try:
+                while True:
+                    # The span is current only while the handler runs, never across a yield.
+                    with _current(watched):
+                        try:
+                            response = await responses.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    yield response
+            except Exception as raised:  # the one place that maps every error
+                error = raised
+                if isinstance(raised, grpc.aio.AbortError):
+                    raise
+                with _current(watched):
+                    await _abort(context, method, raised)
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                if watched is not None:
+                    watched.end(_ended_with(context, error))
+
+        return handled
 
 
-def _wrap_unary(method: str, behaviour: Any) -> Any:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        request_id.set(_request_id_from(context))
-        started = time.perf_counter()
-        try:
-            return await behaviour(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:  # noqa: BLE001 - the one place that maps every error
-            await _abort(context, method, error)
-        finally:
-            log.debug("%s took %.1f ms", method, (time.perf_counter() - started) * 1e3)
-
-    return wrapped
+_NOT_TRACED = contextlib.nullcontext()
 
 
-def _wrap_stream(method: str, behaviour: Any) -> Any:
-    async def wrapped(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        request_id.set(_request_id_from(context))
-        try:
-            async for response in behaviour(request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:  # noqa: BLE001 - the one place that maps every error
-            await _abort(context, method, error)
-
-    return wrapped
+def _current(watched: Watched | None) -> contextlib.AbstractContextManager[None]:
+    if watched is None or watched.span is None:
+        return _NOT_TRACED
+    return tracing.current(watched.span)
 
 
-def _names(method: str) -> tuple[str, str]:
-    """("imagegen.v1.ImageService", "CreateJob") from "/imagegen.v1.ImageService/CreateJob"."""
-    service, _, name = method.lstrip("/").rpartition("/")
-    return service, name
-
-
-def _ended_with(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
-    """The status code name a call ended with: the one it aborted with or set, a domain error's,
-    CANCELLED when the client went away, else INTERNAL for an error and OK without one."""
-    if isinstance(error, ServiceError):
-        return error.grpc_code.name
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED.name
+def _ended_with(
+    context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None
+) -> grpc.StatusCode:
+    """The code a call ended with: the one it aborted with or set, CANCELLED when the client
+    went away, else INTERNAL for an error and OK without one."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
-        return code.name
-    if error is not None:
-        return grpc.StatusCode.INTERNAL.name
-    return grpc.StatusCode.OK.name
-
-
-class MetricsInterceptor(HandlerInterceptor):
-    """Counts each call by the status it ended with, times it (a stream: to its last message)
-    and keeps the calls in flight. Outermost, so the error interceptor has mapped the error."""
-
-    def wrap_unary(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
-        return _measure_unary(_names(call.method), behaviour)
-
-    def wrap_stream(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
-        return _measure_stream(_names(call.method), behaviour)
-
-
-def _record(names: tuple[str, str], started: float, code: str) -> None:
-    metrics.GRPC_SERVER_HANDLED.labels(*names, code).inc()
-    metrics.GRPC_SERVER_SECONDS.labels(*names).observe(time.perf_counter() - started)
-    metrics.GRPC_SERVER_IN_FLIGHT.labels(*names).dec()
-
-
-def _measure_unary(names: tuple[str, str], behaviour: Any) -> Any:
-    async def measured(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        metrics.GRPC_SERVER_IN_FLIGHT.labels(*names).inc()
-        started, error = time.perf_counter(), None
-        try:
-            return await behaviour(request, context)
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            _record(names, started, _ended_with(context, error))
-
-    return measured
-
-
-def _measure_stream(names: tuple[str, str], behaviour: Any) -> Any:
-    async def measured(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        metrics.GRPC_SERVER_IN_FLIGHT.labels(*names).inc()
-        started, error = time.perf_counter(), None
-        try:
-            async for response in behaviour(request, context):
-                yield response
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            _record(names, started, _ended_with(context, error))
-
-    return measured
+        return code
+    if isinstance(error, ServiceError):
+        return error.grpc_code
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.OK if error is None else grpc.StatusCode.INTERNAL
 
 
 ClientInterceptor = grpc.aio.UnaryUnaryClientInterceptor | grpc.aio.UnaryStreamClientInterceptor
 
 
-def _observe_client(names: tuple[str, str], started: float, code: grpc.StatusCode) -> None:
-    metrics.GRPC_CLIENT_HANDLED.labels(*names, code.name).inc()
-    metrics.GRPC_CLIENT_SECONDS.labels(*names).observe(time.perf_counter() - started)
+class _MeshCalls:
+    """What a call to a mesh peer carries (the request id; the trace's `traceparent`) and, when
+    on, how it is watched (client metrics; a failure as an event on the current span)."""
+
+    def __init__(self, watch: ClientWatch | None) -> None:
+        self._watch = watch
+
+    def _details(self, details: Any) -> Any:
+        headers = self._watch.headers() if self._watch is not None else []
+        current = request_id.get()
+        if current:
+            headers.append((REQUEST_ID_HEADER, current))
+        return with_metadata(details, *headers)
+
+    def _end(self, watched: Watched | None, method: str, code: grpc.StatusCode) -> None:
+        if watched is not None and self._watch is not None:
+            watched.end(code)
+            self._watch.failed(method, code)
 
 
-def _client_code(error: BaseException) -> grpc.StatusCode:
-    if isinstance(error, grpc.aio.AioRpcError):
-        return error.code()
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
-
-
-class _UnaryUnaryMetrics(grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryUnaryMesh(_MeshCalls, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        names, started = _names(_text(details.method)), time.perf_counter()
-        call = await continuation(details, request)
+        details = self._details(details)
+        if self._watch is None:
+            return await continuation(details, request)
+        method = _text(details.method)
+        watched = self._watch.start(method)
         try:
+            call = await continuation(details, request)
             await call  # the caller awaits the same call again: its answer or its error
         except BaseException as error:
-            _observe_client(names, started, _client_code(error))
+            self._end(watched, method, client_code(error))
             if not isinstance(error, grpc.aio.AioRpcError):
                 raise
-        else:
-            _observe_client(names, started, grpc.StatusCode.OK)
+            return call
+        self._end(watched, method, grpc.StatusCode.OK)
         return call
 
 
-class _UnaryStreamMetrics(grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStreamMesh(_MeshCalls, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        names, started = _names(_text(details.method)), time.perf_counter()
-        call = await continuation(details, request)
+        details = self._details(details)
+        if self._watch is None:
+            return await continuation(details, request)
+        method = _text(details.method)
+        watched = self._watch.start(method)
+        try:
+            call = await continuation(details, request)
+        except BaseException as error:
+            self._end(watched, method, client_code(error))
+            raise
 
         async def responses() -> AsyncIterator[Any]:
             code = grpc.StatusCode.OK
@@ -229,17 +230,19 @@ class _UnaryStreamMetrics(grpc.aio.UnaryStreamClientInterceptor):
                 async for response in call:
                     yield response
             except BaseException as error:
-                code = _client_code(error)
+                code = client_code(error)
                 raise
             finally:
-                _observe_client(names, started, code)
+                self._end(watched, method, code)
 
         return responses()
 
 
-def metrics_interceptors() -> list[ClientInterceptor]:
-    """Count and time the calls this process makes (one object per call kind, as below)."""
-    return [_UnaryUnaryMetrics(), _UnaryStreamMetrics()]
+def mesh_interceptors() -> list[ClientInterceptor]:
+    """For a channel to a mesh peer: the request id and trace context go along, and the calls
+    are counted and timed when metrics are on (one object per call kind, as below)."""
+    watch = ClientWatch.of()
+    return [_UnaryUnaryMesh(watch), _UnaryStreamMesh(watch)]
 
 
 def _text(method: str | bytes) -> str:
@@ -280,16 +283,6 @@ def _metadata_interceptors(header: Callable[[], tuple[str, str] | None]) -> list
     """One interceptor per call kind: a grpc.aio channel files an interceptor under the first
     kind it is an instance of, so one object serving both would never see server streams."""
     return [_UnaryUnaryMetadata(header), _UnaryStreamMetadata(header)]
-
-
-def request_id_interceptors() -> list[ClientInterceptor]:
-    """Carry the current request id to the services this one calls."""
-
-    def header() -> tuple[str, str] | None:
-        current = request_id.get()
-        return (REQUEST_ID_HEADER, current) if current else None
-
-    return _metadata_interceptors(header)
 
 
 def bearer_interceptors(key: str) -> list[ClientInterceptor]:

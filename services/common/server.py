@@ -1,8 +1,8 @@
 """One gRPC server bootstrap for every service.
 
-Health (per-service status), reflection, the metrics and error interceptors, the Prometheus
-metrics port, explicit message-size limits and a graceful stop on SIGTERM/SIGINT: services only
-say which servicers to add.
+Health (per-service status), reflection, one interceptor for request ids, errors, metrics and
+traces, the Prometheus metrics port, explicit message-size limits and a graceful stop on
+SIGTERM/SIGINT: services only say which servicers to add.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics, tracing
-from services.common.interceptors import ErrorInterceptor, MetricsInterceptor
+from services.common.interceptors import CallInterceptor
 from services.common.settings import CommonSettings
-from services.common.tracing import TracingInterceptor
+from services.common.watching import ServerWatch
 
 log = logging.getLogger("imagegen.server")
 
@@ -148,8 +148,8 @@ async def start_server(
 ) -> RunningServer:
     """Starts a server on `addr` (port 0 picks a free one); health starts NOT_SERVING unless
     `serving`, so a service can load its models before it takes traffic. `interceptors` run
-    inside the error interceptor (their errors get the status table too), which runs inside the
-    metrics interceptor (it sees the status each call ends with). The metrics are served on
+    inside the call interceptor (their errors get the status table too; its metrics and span
+    see the status each call ends with). The metrics are served on
     `metrics_host:metrics_port` (0: a free port; -1: off)."""
     bound_metrics = serve_metrics(metrics_host, metrics_port)
     options = [
@@ -157,14 +157,8 @@ async def start_server(
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    # Tracing outermost, then metrics: both see the status a call ends with.
-    observing: list[grpc.aio.ServerInterceptor] = []
-    if tracing.enabled():
-        observing.append(TracingInterceptor(service))
-    if metrics.collecting():
-        observing.append(MetricsInterceptor())
     server = grpc.aio.server(
-        interceptors=[*observing, ErrorInterceptor(), *interceptors], options=options
+        interceptors=[CallInterceptor(ServerWatch.of(service)), *interceptors], options=options
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

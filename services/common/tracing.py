@@ -8,7 +8,9 @@ Off unless configured, by the standard OpenTelemetry variables: `OTEL_TRACES_EXP
 it off; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER(_ARG)` and the
 exporter's own variables are read by the SDK as usual. A process that installed its own SDK
 provider before the services start (the tests, with an in-memory exporter) is traced too.
-When off, no tracing interceptor or middleware is installed: nothing is spent on spans.
+When off, nothing is spent on spans. The RPC spans are made by services.common.watching (a
+server span per call; no client span: the caller's current span goes along as `traceparent`)
+and the HTTP facade's middleware; this module holds the process's setup and the primitives.
 """
 
 from __future__ import annotations
@@ -16,27 +18,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-from services.common.interceptors import ClientInterceptor, HandlerInterceptor, with_metadata
 
 log = logging.getLogger("imagegen.tracing")
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-_CLIENT_SCOPE = "imagegen.grpc.client"
-_UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _configured = False
 
 
@@ -179,155 +176,6 @@ def parent_of(headers: Mapping[str, str]) -> Context:
     return _PROPAGATOR.extract(carrier)
 
 
-def _parent_from(metadata: Any) -> Context:
+def parent_of_metadata(metadata: Any) -> Context:
+    """As parent_of, from a gRPC call's invocation metadata."""
     return parent_of({key: value for key, value in (metadata or ()) if isinstance(value, str)})
-
-
-def _rpc_attributes(method: str) -> dict[str, str]:
-    service, _, name = method.lstrip("/").rpartition("/")
-    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-
-
-def _end_rpc(span: Span, code: grpc.StatusCode | None, error: BaseException | None) -> None:
-    if code is None:
-        code = grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code is not grpc.StatusCode.OK:
-        span.set_status(Status(StatusCode.ERROR, code.name))
-    span.end()
-
-
-def _server_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
-    code = context.code()
-    return code if isinstance(code, grpc.StatusCode) else None
-
-
-class TracingInterceptor(HandlerInterceptor):
-    """A server span per call, a child of the caller's (its `traceparent` metadata), current
-    while the handler runs. Outermost: it sees the status the call ends with."""
-
-    def __init__(self, service: str) -> None:
-        self._tracer = tracer(service)
-
-    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        # Probes and reflection are not traced: a kubelet's health check every few seconds
-        # would bury the jobs' traces.
-        if handler_call_details.method.startswith(_UNTRACED):
-            return await continuation(handler_call_details)
-        return await super().intercept_service(continuation, handler_call_details)
-
-    def _start(self, call: grpc.HandlerCallDetails) -> Span:
-        method = call.method
-        return self._tracer.start_span(
-            method.lstrip("/"),
-            context=_parent_from(call.invocation_metadata),
-            kind=SpanKind.SERVER,
-            attributes=_rpc_attributes(method),
-        )
-
-    def wrap_unary(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
-        async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            span, error = self._start(call), None
-            try:
-                with current(span):
-                    return await behaviour(request, context)
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                _end_rpc(span, _server_code(context), error)
-
-        return traced
-
-    def wrap_stream(self, call: grpc.HandlerCallDetails, behaviour: Any) -> Any:
-        async def traced(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            span, error = self._start(call), None
-            responses = behaviour(request, context).__aiter__()
-            try:
-                while True:
-                    # Current only while the handler runs, never across a yield to gRPC.
-                    with current(span):
-                        try:
-                            response = await responses.__anext__()
-                        except StopAsyncIteration:
-                            break
-                    yield response
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                _end_rpc(span, _server_code(context), error)
-
-        return traced
-
-
-def _start_client(client: Tracer, details: Any) -> tuple[Span, Any]:
-    method = details.method.decode() if isinstance(details.method, bytes) else details.method
-    span = client.start_span(
-        method.lstrip("/"), kind=SpanKind.CLIENT, attributes=_rpc_attributes(method)
-    )
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-    return span, with_metadata(details, *carrier.items())
-
-
-def _client_code(error: BaseException) -> grpc.StatusCode:
-    return error.code() if isinstance(error, grpc.aio.AioRpcError) else grpc.StatusCode.CANCELLED
-
-
-class _ClientTracing:
-    def __init__(self) -> None:
-        self._tracer = trace.get_tracer(_CLIENT_SCOPE)
-
-
-class _UnaryUnaryTracing(_ClientTracing, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        span, details = _start_client(self._tracer, details)
-        try:
-            call = await continuation(details, request)
-        except BaseException as error:
-            _end_rpc(span, _client_code(error), None)
-            raise
-        code = grpc.StatusCode.OK
-        try:
-            await call  # the caller awaits the same call again: its answer or its error
-        except BaseException as error:
-            code = _client_code(error)
-            if not isinstance(error, grpc.aio.AioRpcError):
-                raise
-        finally:
-            _end_rpc(span, code, None)
-        return call
-
-
-class _UnaryStreamTracing(_ClientTracing, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        span, details = _start_client(self._tracer, details)
-        try:
-            call = await continuation(details, request)
-        except BaseException as error:
-            _end_rpc(span, _client_code(error), None)
-            raise
-
-        async def responses() -> AsyncIterator[Any]:
-            code = grpc.StatusCode.OK
-            try:
-                async for response in call:
-                    yield response
-            except BaseException as error:
-                code = _client_code(error)
-                raise
-            finally:
-                _end_rpc(span, code, None)
-
-        return responses()
-
-
-def tracing_interceptors() -> list[ClientInterceptor]:
-    """A client span per call this process makes, its context sent as `traceparent` (one
-    object per call kind); none when tracing is off."""
-    if not enabled():
-        return []
-    return [_UnaryUnaryTracing(), _UnaryStreamTracing()]

@@ -68,7 +68,7 @@ from services.gateway.http_json import (
     event_json,
     job_json,
 )
-from services.gateway.http_metrics import HttpMetrics, HttpTracing, metrics_endpoint
+from services.gateway.http_metrics import HttpWatch, metrics_endpoint
 from services.gateway.jobs import JobService, Options
 from services.gateway.openapi import openapi_document
 from services.jobs.records import JobRecord, Priority, Webhook
@@ -374,14 +374,17 @@ def build_app(
         Route("/api/admin/stats", key(admin, stats_endpoint(admin_stats))),
         Route("/openapi.json", key(read, openapi)),
     ]
+    traced, measured = tracing.enabled(), metrics.collecting()
+    watching = [Middleware(HttpWatch, traced=traced, measured=measured)]
+    if not (traced or measured):
+        watching = []
     # Errors of every kind, from every route and from the router itself (unknown route, wrong
     # method), answer the one JSON error body with the request's id. The Host/Origin guard
     # runs before any route, open ones included.
     app = Starlette(
         routes=routes,
         middleware=[
-            *([Middleware(HttpTracing)] if tracing.enabled() else []),
-            *([Middleware(HttpMetrics)] if metrics.collecting() else []),
+            *watching,
             Middleware(RequestContext),
             Middleware(HostOriginGuard, hosts=hosts, origins=origins),
         ],
