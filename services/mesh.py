@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -42,7 +43,24 @@ def port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low(default: int = 32768) -> int:
+    """The lowest port the kernel hands out to outgoing connections and to bind(0)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
 def free_port() -> int:
+    """A free port for a server to come, below the ephemeral range: a port bind(0) picked
+    would be free now but could be any outgoing connection's own port by the time the
+    server binds it (seen: "Address already in use" at a mesh's start)."""
+    low = _ephemeral_low()
+    if low > 12000:
+        for _ in range(100):
+            port = random.randrange(10000, low)
+            if port_free(port):
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
