@@ -1,28 +1,32 @@
 """The cost of watching: admission (CreateJob/s over gRPC and over HTTP, the generator stopped,
 bench/admission.py's drivers) and one job's latency through the mesh (bench/mesh_overhead.py's
-job, HTTP to the SSE `final` event) with metrics and tracing off and on.
+job, HTTP to the SSE `final` event) with metrics and tracing off, on for every request, and on
+as deploy/ ships it (head sampling).
 
 - off: METRICS_PORT=-1 (no metric interceptors or middleware, no /metrics server) and no OTEL_*
   variable (no tracing interceptors or middleware).
 - on: METRICS_PORT=0 (a metrics server per service) and OTLP/gRPC trace export to a real
-  receiver in this process (bench/trace_sink.py), which counts the spans.
+  receiver in this process (bench/trace_sink.py), which counts the spans; every request traced
+  (the SDK's default sampler).
+- sampled: as on, with deploy/'s sampler: `parentbased_traceidratio` at 0.1 (a tenth of the
+  requests that come without a trace start one; a caller's sampled `traceparent` is followed).
 
 The machine is shared and noisy (2 cores; other engineers' tests come and go), so runs minutes
-apart differ by more than what is measured here. Each round starts two fresh meshes (fresh
-embedded stores), one off and one on, side by side, and alternates between them, one latency
-job at a time, then one admission burst at a time (off-on, then on-off, ...: a drift weighs on
-both alike), so that the two runs of a pair are seconds apart. Before each run the trace
-receiver must have been idle for a while: the `on` mesh's span export is done before the next
-run starts; a burst's CPU is counted until then (its last spans' export included). The figures
-are medians; the ratios on/off are the medians of each pair's ratio (and, beside them, the ratio
-of the medians). Beside the rates, the CPU a job takes, summed over the mesh's processes: on
-2 cores shared by all of it the rate follows it, and it is much steadier than a rate.
+apart differ by more than what is measured here. Each round starts three fresh meshes (fresh
+embedded stores), one per mode, side by side, and takes them in turn, one latency job at a time,
+then one admission burst at a time (the order of the three changes from one set to the next,
+through all six: a drift over the run weighs on every mode alike), so that the runs of a set are
+seconds apart. Before each run the trace receiver must have been idle for a while: a watched
+mesh's span export is done before the next run starts; a burst's CPU is counted until then (its
+last spans' export included). The figures are medians; the ratios to off are the medians of each
+set's ratio (and, beside them, the ratio of the medians). Beside the rates, the CPU a job takes,
+summed over the mesh's processes: on 2 cores shared by all of it the rate follows it.
 
-Each round also proves its modes: every `on` burst's spans (those that started during it) must
-reach the receiver, and the `on` cache's own /metrics (found by its listening port) must have
-counted the gateway's lookups; from the `off` mesh no span may arrive, none of its services may
-listen on a metrics port and its gateway's /metrics must count no request. A failed proof fails
-the benchmark.
+Each round also proves its modes: every watched burst's spans (those that started during it)
+must reach the receiver, and the watched caches' own /metrics (found by their listening port)
+must have counted the gateway's lookups; from the `off` mesh no span may arrive, none of its
+services may listen on a metrics port and its gateway's /metrics must count no request. A
+failed proof fails the benchmark.
 """
 
 from __future__ import annotations
@@ -54,16 +58,29 @@ from bench.stats import median
 from bench.trace_sink import Span, TraceSink
 from services.mesh import Mesh, Ports, prepare_mesh, start_services
 
-MODES = ("off", "on")
+MODES = ("off", "on", "sampled")
+WATCHED = ("on", "sampled")
+# deploy/'s sampler (deploy/k8s/configmap.yaml, deploy/compose.yaml).
+SAMPLED_ENV = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+# Each set of runs takes the modes in one of these orders, in turn (each mode first, second and
+# third alike, and after each of the others alike).
+ORDERS = (
+    ("off", "on", "sampled"),
+    ("sampled", "on", "off"),
+    ("on", "off", "sampled"),
+    ("sampled", "off", "on"),
+    ("off", "sampled", "on"),
+    ("on", "sampled", "off"),
+)
 PROTOCOLS = ("grpc", "http")
 # How often the services' span processors export (ms; the SDK's default is 5000): spans also
 # go out whenever 512 are waiting, and a stopping service flushes what is left.
 BSP_SCHEDULE_DELAY_MS = 1000
 # A run starts once no span has arrived for this long: the `on` mesh has exported the last.
 SETTLE_S = BSP_SCHEDULE_DELAY_MS / 1e3 + 0.5
-ACCEPTANCE = 0.95  # on/off admission rate: watching may cost at most 5%
-# A pair is "clean" when, during both of its runs, processes outside this benchmark used less
-# CPU than this (in cores).
+ACCEPTANCE = 0.95  # admission rate watched / off: watching may cost at most 5%
+# A set is "clean" (for a watched mode) when, during its run and the off run, processes outside
+# this benchmark used less CPU than this (in cores).
 OTHER_CPU_LIMIT = 0.2
 PARTS = ("gateway", "cache", "postgres", "redis", "bench")  # CPU per job, by process
 
@@ -71,9 +88,11 @@ PARTS = ("gateway", "cache", "postgres", "redis", "bench")  # CPU per job, by pr
 def _mode_env(mode: str, sink: TraceSink) -> dict[str, str]:
     if mode == "off":
         return {"METRICS_PORT": "-1"}
-    # More for the `on` mesh, to see what a setting buys, e.g. BENCH_ON_ENV="OTEL_TRACES_SAMPLER=
-    # parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1" (`make bench` sets none).
+    # More for the `on` mesh, to see what a setting buys, e.g. BENCH_ON_ENV="OTEL_BSP_SCHEDULE_
+    # DELAY=5000" (`make bench` sets none).
     extra = dict(item.split("=", 1) for item in os.environ.get("BENCH_ON_ENV", "").split())
+    if mode == "sampled":
+        extra = SAMPLED_ENV
     return {
         "METRICS_PORT": "0",
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -170,17 +189,17 @@ async def _latency(meshes: dict[str, Mesh], sink: TraceSink, jobs: int) -> list[
         for mode in MODES:
             for _ in range(2):
                 await mesh_overhead.one_job(meshes[mode], clients[mode])
-        pairs = []
-        for _ in range(jobs):
-            pair = {}
-            for mode in MODES:
+        sets = []
+        for index in range(jobs):
+            runs = {}
+            for mode in _order(index):
                 await sink.idle(SETTLE_S, within_s=15)
                 cpu: dict[str, float] = {}
                 with _cpu(meshes[mode], meshes, cpu):
                     started = time.time_ns()
                     job = await mesh_overhead.one_job(meshes[mode], clients[mode])
                     ended = time.time_ns()
-                pair[mode] = {
+                runs[mode] = {
                     "window_ns": [started, ended],
                     "total_ms": job["total"],
                     # What the mesh adds around the render and encode (what watching can change).
@@ -188,31 +207,31 @@ async def _latency(meshes: dict[str, Mesh], sink: TraceSink, jobs: int) -> list[
                     "admission_ms": job["admission"],
                     "other_cores": cpu["other_cores"],
                 }
-            pairs.append(pair)
-    return pairs
+            sets.append(runs)
+    return sets
 
 
 Caller = Callable[[Mesh], AbstractAsyncContextManager[admission.Call]]
 
 
-def _order(pair: int) -> tuple[str, ...]:
-    """off then on, then on then off, ...: a drift over the run (the jobs table and the queue
-    grow with every burst) weighs on both modes alike."""
-    return MODES if pair % 2 == 0 else MODES[::-1]
+def _order(index: int) -> tuple[str, ...]:
+    """The modes' order for the index-th set of runs: a drift over the run (the jobs table and
+    the queue grow with every burst) weighs on every mode alike."""
+    return ORDERS[index % len(ORDERS)]
 
 
 async def _admissions(
-    meshes: dict[str, Mesh], caller: Caller, sink: TraceSink, count: int, pairs: int
+    meshes: dict[str, Mesh], caller: Caller, sink: TraceSink, count: int, sets: int
 ) -> list[dict[str, Any]]:
-    """bench/admission.py's warm-up on each mesh, then `count` calls on each in turn, `pairs`
+    """bench/admission.py's warm-up on each mesh, then `count` calls on each in turn, `sets`
     times: each burst's rate, window (unix ns) and CPU per admitted job by part."""
     out = []
     async with AsyncExitStack() as stack:
         calls = {m: await stack.enter_async_context(caller(meshes[m])) for m in MODES}
         for mode in MODES:
             await admission.drive(admission.WARMUP, calls[mode])
-        for index in range(pairs):
-            pair = {}
+        for index in range(sets):
+            runs = {}
             for mode in _order(index):
                 await sink.idle(SETTLE_S, within_s=15)
                 cpu: dict[str, float] = {}
@@ -227,13 +246,13 @@ async def _admissions(
                     await sink.idle(SETTLE_S, within_s=15)
                     await asyncio.sleep(max(settled - time.monotonic(), 0.0))
                 jobs = max(result["admitted"], 1)
-                pair[mode] = {
+                runs[mode] = {
                     **result,
                     "window_ns": [started, ended],
                     "cpu_ms_per_job": {p: cpu[p] * 1e3 / jobs for p in PARTS},
                     "other_cores": cpu["other_cores"],
                 }
-            out.append(pair)
+            out.append(runs)
     return out
 
 
@@ -277,34 +296,29 @@ def _spans_per_job(burst: dict[str, Any], spans: list[Span]) -> tuple[float, Cou
     return len(mine) / max(burst["admitted"], 1), Counter(f"{s[1]} {s[2]}" for s in mine)
 
 
-def _check(round_: dict[str, Any], admitted: int) -> list[str]:
+def _check(round_: dict[str, Any], admitted: dict[str, int]) -> list[str]:
     """What shows that a round's meshes were not in the modes they claim."""
-    on, off = round_["metrics"]["on"], round_["metrics"]["off"]
-    bursts = [p["on"] for key in PROTOCOLS for p in round_[key]]
-    return [
-        *(["an `on` burst got no span"] if any(b["spans_per_job"] <= 0 for b in bursts) else []),
-        *(["the `on` cache served no /metrics"] if on["cache_metrics_port"] is None else []),
-        *(
-            ["the `on` cache's /metrics counted fewer lookups than jobs"]
-            if on.get("cache_lookups_counted", 0) < admitted
-            else []
-        ),
-        *(["the `off` cache serves /metrics"] if off["cache_metrics_port"] is not None else []),
-        *(
-            ["the `off` gateway's metric interceptors counted"]
-            if off["gateway_create_job_counted"] or off["gateway_http_requests_counted"]
-            else []
-        ),
-        *(
-            ["spans started during `off` bursts"]
-            if any(p["off"]["spans_per_job"] for key in PROTOCOLS for p in round_[key])
-            else []
-        ),
-    ]
+    off = round_["metrics"]["off"]
+    problems = []
+    for mode in WATCHED:
+        watched = round_["metrics"][mode]
+        if any(p[mode]["spans_per_job"] <= 0 for key in PROTOCOLS for p in round_[key]):
+            problems.append(f"a `{mode}` burst got no span")
+        if watched["cache_metrics_port"] is None:
+            problems.append(f"the `{mode}` cache served no /metrics")
+        if watched.get("cache_lookups_counted", 0) < admitted[mode]:
+            problems.append(f"the `{mode}` cache's /metrics counted fewer lookups than jobs")
+    if off["cache_metrics_port"] is not None:
+        problems.append("the `off` cache serves /metrics")
+    if off["gateway_create_job_counted"] or off["gateway_http_requests_counted"]:
+        problems.append("the `off` gateway's metric interceptors counted")
+    if any(p["off"]["spans_per_job"] for key in PROTOCOLS for p in round_[key]):
+        problems.append("spans started during `off` bursts")
+    return problems
 
 
 async def _round(
-    index: int, sink: TraceSink, count: int, pairs: int, latency_jobs: int
+    index: int, sink: TraceSink, count: int, sets: int, latency_jobs: int
 ) -> dict[str, Any]:
     mark = sink.received()
     round_: dict[str, Any] = {"index": index}
@@ -320,31 +334,31 @@ async def _round(
             ("grpc", admission.grpc_create_job),
             ("http", admission.http_create_job),
         ):
-            round_[key] = await _admissions(meshes, caller, sink, count, pairs)
+            round_[key] = await _admissions(meshes, caller, sink, count, sets)
         round_["metrics"] = {mode: await _metrics(mesh) for mode, mesh in meshes.items()}
         stopping = time.time_ns()
-    # Both meshes stopped: every span has been flushed.
+    # The meshes stopped: every span has been flushed.
     spans, exports = sink.since(mark)
     for key in PROTOCOLS:
-        for pair in round_[key]:
+        for runs in round_[key]:
             for mode in MODES:
-                pair[mode]["spans_per_job"] = _spans_per_job(pair[mode], spans)[0]
+                runs[mode]["spans_per_job"] = _spans_per_job(runs[mode], spans)[0]
         last = round_[key][-1]["on"]
         names = _spans_per_job(last, spans)[1]
         round_[f"{key}_span_names_per_job"] = {
             n: c / max(last["admitted"], 1) for n, c in sorted(names.items())
         }
-    for pair in round_["latency"]:
+    for runs in round_["latency"]:
         for mode in MODES:
-            low, high = pair[mode]["window_ns"]
-            pair[mode]["spans"] = sum(low <= s[0] <= high for s in spans)
+            low, high = runs[mode]["window_ns"]
+            runs[mode]["spans"] = sum(low <= s[0] <= high for s in spans)
     round_["spans"] = {
         "total": len(spans),
         "by_service": dict(sorted(Counter(s[1] for s in spans).items())),
         "exports": len(exports),
         "arrived_before_stop": sum(n for at, n in exports if at < stopping),
     }
-    admitted = sum(p["on"]["admitted"] for key in PROTOCOLS for p in round_[key])
+    admitted = {m: sum(p[m]["admitted"] for key in PROTOCOLS for p in round_[key]) for m in WATCHED}
     problems = _check(round_, admitted)
     if problems:
         raise RuntimeError(f"observability round {index}: " + "; ".join(problems))
@@ -354,28 +368,32 @@ async def _round(
 # The whole benchmark
 
 
-def _pair_ratios(
-    pairs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]
+def _compare(
+    sets: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]
 ) -> dict[str, Any]:
-    """Medians of `value` by mode, on/off of the medians, the median of each pair's on/off
-    (overall and over the clean pairs only)."""
-    values = {mode: [value(p[mode]) for p in pairs] for mode in MODES}
-    ratios = [value(p["on"]) / value(p["off"]) for p in pairs]
-    clean = [
-        r
-        for r, p in zip(ratios, pairs, strict=True)
-        if max(p["off"]["other_cores"], p["on"]["other_cores"]) <= OTHER_CPU_LIMIT
-    ]
-    return {
+    """Medians of `value` by mode and, for each watched mode, its ratio to off: the median of
+    each set's ratio (overall and over the clean sets only) and the ratio of the medians."""
+    values = {mode: [value(p[mode]) for p in sets] for mode in MODES}
+    out: dict[str, Any] = {
         **{mode: median(values[mode]) for mode in MODES},
         **{f"{mode}_runs": values[mode] for mode in MODES},
-        "pair_ratios": ratios,
-        "other_cores_runs": [[p[m]["other_cores"] for m in MODES] for p in pairs],
-        "ratio": median(ratios),
-        "ratio_of_medians": median(values["on"]) / median(values["off"]),
-        "clean_pairs": len(clean),
-        "clean_ratio": median(clean) if clean else None,
+        "other_cores_runs": [[p[m]["other_cores"] for m in MODES] for p in sets],
     }
+    for mode in WATCHED:
+        ratios = [value(p[mode]) / value(p["off"]) for p in sets]
+        clean = [
+            r
+            for r, p in zip(ratios, sets, strict=True)
+            if max(p["off"]["other_cores"], p[mode]["other_cores"]) <= OTHER_CPU_LIMIT
+        ]
+        out[mode + "/off"] = {
+            "ratio": median(ratios),
+            "ratio_of_medians": median(values[mode]) / median(values["off"]),
+            "set_ratios": ratios,
+            "clean_sets": len(clean),
+            "clean_ratio": median(clean) if clean else None,
+        }
+    return out
 
 
 def _field(key: str) -> Callable[[dict[str, Any]], float]:
@@ -385,51 +403,49 @@ def _field(key: str) -> Callable[[dict[str, Any]], float]:
 def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in PROTOCOLS:
-        pairs = [p for r in rounds for p in r[key]]
-        totals = [{m: sum(p[m]["cpu_ms_per_job"].values()) for m in MODES} for p in pairs]
+        sets = [p for r in rounds for p in r[key]]
+        totals = [{m: sum(p[m]["cpu_ms_per_job"].values()) for m in MODES} for p in sets]
         out[key] = {
-            **_pair_ratios(pairs, _field("per_s")),
-            "p50_ms": {m: median([p[m]["p50_ms"] for p in pairs]) for m in MODES},
-            "errors": sum(p[m]["errors"] for p in pairs for m in MODES),
+            **_compare(sets, _field("per_s")),
+            "p50_ms": {m: median([p[m]["p50_ms"] for p in sets]) for m in MODES},
+            "errors": sum(p[m]["errors"] for p in sets for m in MODES),
             "cpu_ms_per_job": {
-                m: {part: median([p[m]["cpu_ms_per_job"][part] for p in pairs]) for part in PARTS}
+                m: {part: median([p[m]["cpu_ms_per_job"][part] for p in sets]) for part in PARTS}
                 for m in MODES
             },
-            "spans_per_job": median([p["on"]["spans_per_job"] for p in pairs]),
+            "spans_per_job": {m: median([p[m]["spans_per_job"] for p in sets]) for m in WATCHED},
             "cpu_ms_per_job_runs": [[round(cpu[m], 3) for m in MODES] for cpu in totals],
             # CPU-bound (2 cores shared by all of it), the rate follows the CPU a job takes.
-            "cpu_implied_ratio": median([cpu["off"] / cpu["on"] for cpu in totals]),
-            "cpu_implied_ratio_of_medians": median([cpu["off"] for cpu in totals])
-            / median([cpu["on"] for cpu in totals]),
+            "cpu_implied": {
+                m + "/off": median([cpu["off"] / cpu[m] for cpu in totals]) for m in WATCHED
+            },
             "span_names_per_job": rounds[-1][f"{key}_span_names_per_job"],
         }
     jobs = [p for r in rounds for p in r["latency"]]
     for key in ("total_ms", "mesh_ms", "admission_ms"):
-        out[f"latency_{key}"] = _pair_ratios(jobs, _field(key))
+        out[f"latency_{key}"] = _compare(jobs, _field(key))
     out["spans_per_rendered_job"] = median([j["on"]["spans"] for j in jobs])
-    out["meets_acceptance"] = all(out[k]["ratio"] >= ACCEPTANCE for k in PROTOCOLS)
+    out["meets_acceptance"] = {
+        m: all(out[k][m + "/off"]["ratio"] >= ACCEPTANCE for k in PROTOCOLS) for m in WATCHED
+    }
     return out
 
 
 async def run(quick: bool) -> dict[str, Any]:
-    rounds_, pairs, count, latency_jobs = (1, 2, 200, 2) if quick else (2, 16, 500, 5)
+    rounds_, sets, count, latency_jobs = (1, 2, 200, 3) if quick else (2, 12, 500, 6)
     rounds = []
     with TraceSink() as sink:
         for index in range(rounds_):
-            round_ = await _round(index, sink, count, pairs, latency_jobs)
+            round_ = await _round(index, sink, count, sets, latency_jobs)
             for key in PROTOCOLS:
                 for p in round_[key]:
-                    print(
-                        f"  {key:4}  off {p['off']['per_s']:6.1f}/s  on {p['on']['per_s']:6.1f}/s"
-                        f"  on/off {p['on']['per_s'] / p['off']['per_s']:.3f}  spans/job "
-                        f"{p['on']['spans_per_job']:.1f}  other load {p['off']['other_cores']:.2f}"
-                        f", {p['on']['other_cores']:.2f} cores",
-                        flush=True,
-                    )
+                    rates = "  ".join(f"{m} {p[m]['per_s']:6.1f}/s" for m in MODES)
+                    other = max(p[m]["other_cores"] for m in MODES)
+                    print(f"  {key:4}  {rates}  other load {other:.2f} cores", flush=True)
             rounds.append(round_)
     return {
         "rounds": rounds_,
-        "pairs_per_round": pairs,
+        "sets_per_round": sets,
         "requests": count,
         "concurrency": admission.CONCURRENCY,
         "latency_jobs_per_round": latency_jobs,
@@ -438,6 +454,7 @@ async def run(quick: bool) -> dict[str, Any]:
         "other_cpu_limit": OTHER_CPU_LIMIT,
         "acceptance": ACCEPTANCE,
         "on_env": os.environ.get("BENCH_ON_ENV", ""),
+        "sampled_env": SAMPLED_ENV,
         **_summary(rounds),
         # What proved each round's modes (the runs' own figures are in the lists above).
         "round_details": [

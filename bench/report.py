@@ -295,26 +295,29 @@ def _moderation(m: dict[str, Any]) -> list[str]:
 
 def _observability(o: dict[str, Any]) -> list[str]:
     p = o["latency_params"]
-    pairs = o["rounds"] * o["pairs_per_round"]
+    sets = o["rounds"] * o["sets_per_round"]
     when = f", run {o['date']}" if "date" in o else ""
+    sampler = " ".join(f"{k}={v}" for k, v in o["sampled_env"].items())
     lines = [
         "## The cost of watching: metrics and tracing",
         "",
         "Metrics and tracing off (`METRICS_PORT=-1`, no `OTEL_*`) against on (`METRICS_PORT=0`, "
         "OTLP/gRPC span export to a trace receiver in the benchmark's process, batch span "
-        f"processor every {o['bsp_schedule_delay_ms']} ms){when}. {o['rounds']} rounds, each "
-        "with two fresh meshes side by side (one off, one on), used in turn: "
+        f"processor every {o['bsp_schedule_delay_ms']} ms) with every request traced (`on`) "
+        f"and with deploy/'s sampler (`sampled`: `{sampler}`; a caller's sampled `traceparent` "
+        f"is always followed){when}. {o['rounds']} rounds, each with three fresh meshes side by "
+        f"side (one per mode; Postgres commits do not wait for the disk), used in turn: "
         f"{o['latency_jobs_per_round']} mesh-overhead jobs each ({p['width']}x{p['height']}, "
-        f"{p['steps']} steps), then {o['pairs_per_round']} admission bursts each per protocol "
-        f"({o['requests']} CreateJob at concurrency {o['concurrency']}, generator stopped), "
-        "off then on, the trace receiver idle before every run. Ratios on/off are medians of "
-        f"the {pairs} pairs' ratios; a pair is clean when other processes on the machine took "
-        f"under {o['other_cpu_limit']:.1f} of a core during both runs. `python -m bench --only "
+        f"{p['steps']} steps), then {o['sets_per_round']} admission bursts each per protocol "
+        f"({o['requests']} CreateJob at concurrency {o['concurrency']}, generator stopped), the "
+        "modes' order changing from set to set, the trace receiver idle before every run. "
+        f"Ratios to off are medians of the {sets} sets' ratios. `python -m bench --only "
         "observability --merge` reruns it."
         + (f" The `on` meshes also had `{o['on_env']}`." if o.get("on_env") else ""),
         "",
-        "| measure | off | on | on/off (pairs) | on/off (medians) | clean pairs: on/off |",
-        "|---|---|---|---|---|---|",
+        "| measure | off | on | sampled | on/off (sets) | on/off (medians) "
+        "| sampled/off (sets) | sampled/off (medians) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, key in (
         ("gRPC CreateJob/s", "grpc"),
@@ -324,57 +327,62 @@ def _observability(o: dict[str, Any]) -> list[str]:
         ("its admission ms (the POST)", "latency_admission_ms"),
     ):
         m = o[key]
-        clean = f"{m['clean_ratio']:.3f} ({m['clean_pairs']})" if m["clean_ratio"] else "none"
-        lines.append(
-            _row(
-                label, m["off"], m["on"], f"{m['ratio']:.3f}", f"{m['ratio_of_medians']:.3f}", clean
-            )
-        )
+        ratios = [
+            f"{m[w + '/off'][r]:.3f}"
+            for w in ("on", "sampled")
+            for r in ("ratio", "ratio_of_medians")
+        ]
+        lines.append(_row(label, m["off"], m["on"], m["sampled"], *ratios))
     lines += [
         "",
-        "Each admission pair, jobs/s off / on (other processes' load, cores, off / on):",
+        "Each admission set, jobs/s (the most other processes took during its runs, in cores):",
         "",
-        "| pair | gRPC off | gRPC on | on/off | other | HTTP off | HTTP on | on/off | other |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| set | gRPC off | on | sampled | HTTP off | on | sampled | other |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for i in range(pairs):
+    for i in range(sets):
         cells: list[Any] = [i]
         for key in ("grpc", "http"):
-            m = o[key]
-            other = m["other_cores_runs"][i]
-            cells += [
-                m["off_runs"][i],
-                m["on_runs"][i],
-                f"{m['pair_ratios'][i]:.3f}",
-                f"{other[0]:.2f} / {other[1]:.2f}",
-            ]
-        lines.append(_row(*cells))
+            cells += [o[key][f"{mode}_runs"][i] for mode in ("off", "on", "sampled")]
+        other = max(max(o[key]["other_cores_runs"][i]) for key in ("grpc", "http"))
+        lines.append(_row(*cells, f"{other:.2f}"))
+    implied = {k: o[k]["cpu_implied"] for k in ("grpc", "http")}
     lines += [
         "",
         "CPU milliseconds per admitted job by process (medians; `bench` is the load driver and "
-        "the trace receiver). On 2 shared cores the rate follows the CPU a job takes: "
-        f"off/on of the total is {o['grpc']['cpu_implied_ratio']:.3f} (gRPC) and "
-        f"{o['http']['cpu_implied_ratio']:.3f} (HTTP).",
+        "the trace receiver; a burst's CPU is counted until its last spans are exported). On 2 "
+        "shared cores the rate follows the CPU a job takes: off/on of the total is "
+        f"{implied['grpc']['on/off']:.3f} (gRPC) and {implied['http']['on/off']:.3f} (HTTP); "
+        f"off/sampled {implied['grpc']['sampled/off']:.3f} and "
+        f"{implied['http']['sampled/off']:.3f}.",
         "",
-        "| process | gRPC off | gRPC on | HTTP off | HTTP on |",
-        "|---|---|---|---|---|",
+        "| process | gRPC off | gRPC on | gRPC sampled | HTTP off | HTTP on | HTTP sampled |",
+        "|---|---|---|---|---|---|---|",
     ]
     for part in o["grpc"]["cpu_ms_per_job"]["off"]:
-        cells = [o[k]["cpu_ms_per_job"][m][part] for k in ("grpc", "http") for m in ("off", "on")]
+        cells = [
+            o[k]["cpu_ms_per_job"][m][part]
+            for k in ("grpc", "http")
+            for m in ("off", "on", "sampled")
+        ]
         lines.append("| " + part + " | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     last = o["round_details"][-1]
     names = ", ".join(f"{n} ({c:.1f})" for n, c in last["grpc_span_names_per_job"].items())
-    verdict = "met" if o["meets_acceptance"] else "NOT met"
+    spans = {k: o[k]["spans_per_job"] for k in ("grpc", "http")}
+    verdict = {m: "met" if ok else "NOT met" for m, ok in o["meets_acceptance"].items()}
     lines += [
         "",
-        f"Spans per admitted job: {o['grpc']['spans_per_job']:.1f} over gRPC ({names}), "
-        f"{o['http']['spans_per_job']:.1f} over HTTP; per rendered job "
+        f"Spans per admitted job, `on`: {spans['grpc']['on']:.1f} over gRPC ({names}), "
+        f"{spans['http']['on']:.1f} over HTTP; `sampled`: {spans['grpc']['sampled']:.2f} and "
+        f"{spans['http']['sampled']:.2f}; per rendered job (`on`) "
         f"{o['spans_per_rendered_job']:.0f}. In the last round the `on` cache's own `/metrics` "
         f"counted {last['metrics']['on']['cache_lookups_counted']:.0f} lookups, and "
         f"{last['spans']['arrived_before_stop']} of {last['spans']['total']} spans arrived "
-        "before the meshes were stopped. Acceptance, on/off of the admission rate at least "
-        f"{o['acceptance']:.2f} for both protocols: {verdict} (gRPC {o['grpc']['ratio']:.3f}, "
-        f"HTTP {o['http']['ratio']:.3f}).",
+        "before the meshes were stopped. Acceptance, the admission rate watched / off at least "
+        f"{o['acceptance']:.2f} for both protocols: `on` {verdict['on']} (gRPC "
+        f"{o['grpc']['on/off']['ratio']:.3f}, HTTP {o['http']['on/off']['ratio']:.3f}), "
+        f"`sampled` {verdict['sampled']} (gRPC {o['grpc']['sampled/off']['ratio']:.3f}, HTTP "
+        f"{o['http']['sampled/off']['ratio']:.3f}).",
         "",
     ]
     return lines
