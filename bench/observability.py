@@ -223,6 +223,27 @@ async def _latency(meshes: dict[str, Mesh], sink: TraceSink, jobs: int) -> list[
 Caller = Callable[[Mesh], AbstractAsyncContextManager[admission.Call]]
 
 
+async def _warm_calls(
+    stack: AsyncExitStack, meshes: dict[str, Mesh], caller: Caller
+) -> dict[str, admission.Call]:
+    """A caller per mesh (open for the stack's life), each warmed up as bench/admission.py
+    does."""
+    calls = {m: await stack.enter_async_context(caller(meshes[m])) for m in MODES}
+    for mode in MODES:
+        await admission.drive(admission.WARMUP, calls[mode])
+    return calls
+
+
+async def _exported(sink: TraceSink) -> None:
+    """Returns once the spans of the burst just run have been exported (they leave after it,
+    when the span processor's timer fires), and SETTLE_S after the burst at the least: a CPU
+    window that ends here counts that export, and every mode's window settles as long, so the
+    meshes' idle CPU weighs alike."""
+    settled = time.monotonic() + SETTLE_S
+    await sink.idle(SETTLE_S, within_s=15)
+    await asyncio.sleep(max(settled - time.monotonic(), 0.0))
+
+
 def _order(index: int) -> tuple[str, ...]:
     """The modes' order for the index-th set of runs: a drift over the run (the jobs table and
     the queue grow with every burst) weighs on every mode alike."""
@@ -236,9 +257,7 @@ async def _admissions(
     times: each burst's rate, window (unix ns) and CPU per admitted job by part."""
     out = []
     async with AsyncExitStack() as stack:
-        calls = {m: await stack.enter_async_context(caller(meshes[m])) for m in MODES}
-        for mode in MODES:
-            await admission.drive(admission.WARMUP, calls[mode])
+        calls = await _warm_calls(stack, meshes, caller)
         for index in range(sets):
             runs = {}
             for mode in _order(index):
@@ -248,12 +267,7 @@ async def _admissions(
                     started = time.time_ns()
                     result = await admission.drive(count, calls[mode])
                     ended = time.time_ns()
-                    # The CPU of exporting the burst's last spans counts too (they leave after
-                    # it, when the span processor's timer fires); both modes' windows get the
-                    # same settling time at least, so the meshes' idle CPU weighs alike.
-                    settled = time.monotonic() + SETTLE_S
-                    await sink.idle(SETTLE_S, within_s=15)
-                    await asyncio.sleep(max(settled - time.monotonic(), 0.0))
+                    await _exported(sink)
                 jobs = max(result["admitted"], 1)
                 runs[mode] = {
                     **result,
@@ -273,9 +287,7 @@ async def _together(
     included)."""
     out = []
     async with AsyncExitStack() as stack:
-        calls = {m: await stack.enter_async_context(caller(meshes[m])) for m in MODES}
-        for mode in MODES:
-            await admission.drive(admission.WARMUP, calls[mode])
+        calls = await _warm_calls(stack, meshes, caller)
         for _ in range(sets):
             await sink.idle(SETTLE_S, within_s=15)
             cpu: dict[str, dict[str, float]] = {m: {} for m in MODES}
@@ -283,9 +295,7 @@ async def _together(
                 for mode in MODES:
                     windows.enter_context(_cpu(meshes[mode], meshes, cpu[mode]))
                 results = await asyncio.gather(*(admission.drive(count, calls[m]) for m in MODES))
-                settled = time.monotonic() + SETTLE_S
-                await sink.idle(SETTLE_S, within_s=15)
-                await asyncio.sleep(max(settled - time.monotonic(), 0.0))
+                await _exported(sink)
             runs = {}
             for mode, result in zip(MODES, results, strict=True):
                 jobs = max(result["admitted"], 1)

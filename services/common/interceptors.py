@@ -96,13 +96,9 @@ class CallInterceptor(HandlerInterceptor):
             with _current(watched):  # the error's log line belongs to the call's span too
                 try:
                     return await behaviour(request, context)
-                except Exception as raised:  # the one place that maps every error
-                    error = raised
-                    if isinstance(raised, grpc.aio.AbortError):
-                        raise
-                    await _abort(context, method, raised)
                 except BaseException as raised:
                     error = raised
+                    await _map_error(context, method, raised)
                     raise
                 finally:
                     if watched is not None:
@@ -129,20 +125,25 @@ class CallInterceptor(HandlerInterceptor):
                         except StopAsyncIteration:
                             break
                     yield response
-            except Exception as raised:  # the one place that maps every error
-                error = raised
-                if isinstance(raised, grpc.aio.AbortError):
-                    raise
-                with _current(watched):
-                    await _abort(context, method, raised)
             except BaseException as raised:
                 error = raised
+                with _current(watched):
+                    await _map_error(context, method, raised)
                 raise
             finally:
                 if watched is not None:
                     watched.end(_ended_with(context, error))
 
         return handled
+
+
+async def _map_error(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, raised: BaseException
+) -> None:
+    """The one place that maps every error: an exception a handler raised ends the call with
+    its status (`_abort` raises); an abort already made, a cancellation or an exit passes."""
+    if isinstance(raised, Exception) and not isinstance(raised, grpc.aio.AbortError):
+        await _abort(context, method, raised)
 
 
 _NOT_TRACED = contextlib.nullcontext()
