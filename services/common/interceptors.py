@@ -187,9 +187,9 @@ class _MeshCalls:
             headers.append((REQUEST_ID_HEADER, current))
         return with_metadata(details, *headers)
 
-    def _end(self, watched: Watched | None, method: str, code: grpc.StatusCode) -> None:
-        if watched is not None and self._watch is not None:
-            watched.end(code)
+    def _end(self, watched: Watched, method: str, code: grpc.StatusCode) -> None:
+        watched.end(code)
+        if self._watch is not None:
             self._watch.failed(method, code)
 
 
@@ -202,6 +202,10 @@ class _UnaryUnaryMesh(_MeshCalls, grpc.aio.UnaryUnaryClientInterceptor):
         watched = self._watch.start(method)
         try:
             call = await continuation(details, request)
+        except BaseException as error:
+            self._end(watched, method, client_code(error))
+            raise
+        try:
             await call  # the caller awaits the same call again: its answer or its error
         except BaseException as error:
             self._end(watched, method, client_code(error))
