@@ -43,7 +43,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import (
     AbstractAsyncContextManager,
     AsyncExitStack,
@@ -52,7 +52,7 @@ from contextlib import (
     contextmanager,
 )
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import httpx
@@ -81,6 +81,7 @@ ORDERS = (
     ("on", "sampled", "off"),
 )
 PROTOCOLS = ("grpc", "http")
+T = TypeVar("T")
 # How often the services' span processors export (ms; the SDK's default is 5000): spans also
 # go out whenever 512 are waiting, and a stopping service flushes what is left.
 BSP_SCHEDULE_DELAY_MS = 1000
@@ -202,14 +203,11 @@ async def _latency(meshes: dict[str, Mesh], sink: TraceSink, jobs: int) -> list[
         for index in range(jobs):
             runs = {}
             for mode in _order(index):
-                await sink.idle(SETTLE_S, within_s=15)
-                cpu: dict[str, float] = {}
-                with _cpu(meshes[mode], meshes, cpu):
-                    started = time.time_ns()
-                    job = await mesh_overhead.one_job(meshes[mode], clients[mode])
-                    ended = time.time_ns()
+                job, cpu, window = await _alone(
+                    meshes, mode, sink, mesh_overhead.one_job(meshes[mode], clients[mode])
+                )
                 runs[mode] = {
-                    "window_ns": [started, ended],
+                    "window_ns": window,
                     "total_ms": job["total"],
                     # What the mesh adds around the render and encode (what watching can change).
                     "mesh_ms": job["total"] - job["generation"] - job["encode"],
@@ -244,6 +242,27 @@ async def _exported(sink: TraceSink) -> None:
     await asyncio.sleep(max(settled - time.monotonic(), 0.0))
 
 
+async def _alone(
+    meshes: dict[str, Mesh],
+    mode: str,
+    sink: TraceSink,
+    work: Awaitable[T],
+    exported: bool = False,
+) -> tuple[T, dict[str, float], list[int]]:
+    """`work` on the `mode` mesh alone, once the trace receiver is idle: its result, the CPU by
+    part over it (and, if `exported`, over the export of its last spans) and its window (unix
+    ns)."""
+    await sink.idle(SETTLE_S, within_s=15)
+    cpu: dict[str, float] = {}
+    with _cpu(meshes[mode], meshes, cpu):
+        started = time.time_ns()
+        result = await work
+        ended = time.time_ns()
+        if exported:
+            await _exported(sink)
+    return result, cpu, [started, ended]
+
+
 def _order(index: int) -> tuple[str, ...]:
     """The modes' order for the index-th set of runs: a drift over the run (the jobs table and
     the queue grow with every burst) weighs on every mode alike."""
@@ -261,17 +280,13 @@ async def _admissions(
         for index in range(sets):
             runs = {}
             for mode in _order(index):
-                await sink.idle(SETTLE_S, within_s=15)
-                cpu: dict[str, float] = {}
-                with _cpu(meshes[mode], meshes, cpu):
-                    started = time.time_ns()
-                    result = await admission.drive(count, calls[mode])
-                    ended = time.time_ns()
-                    await _exported(sink)
+                result, cpu, window = await _alone(
+                    meshes, mode, sink, admission.drive(count, calls[mode]), exported=True
+                )
                 jobs = max(result["admitted"], 1)
                 runs[mode] = {
                     **result,
-                    "window_ns": [started, ended],
+                    "window_ns": window,
                     "cpu_ms_per_job": {p: cpu[p] * 1e3 / jobs for p in PARTS},
                     "other_cores": cpu["other_cores"],
                 }
