@@ -58,7 +58,13 @@ async def test_a_gateway_restart_mid_job_resumes_the_pages_stream_after_its_last
     p.on("request", lambda r: streams.append(r) if "/api/status/stream/" in r.url else None)
     await open_app(p, mesh.http_url, mesh.key)
     await fill_request(p, SLOW)
+    estimates: list[Any] = []
+    p.on("request", lambda r: estimates.append(r) if "/api/cost/estimate" in r.url else None)
     job_id = await submit(p)
+    # Leaving the last field (its `change`) asks for no second estimate of the same form: no
+    # request that the stop below could cut.
+    await expect(p.locator("#cost-state")).to_have_text("up to date")
+    assert estimates == []
     progress = p.locator("#log li[data-kind=progress]")
     await expect(progress.nth(2)).to_be_attached(timeout=30_000)  # a few steps in
 
