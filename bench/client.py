@@ -80,6 +80,8 @@ async def sse(
             await reader.readexactly(2)
             while b"\n\n" in buffer:
                 block, buffer = buffer.split(b"\n\n", 1)
+                if block.startswith(b":"):  # a comment: the keep-alive of a quiet stream
+                    continue
                 fields = dict(line.split(": ", 1) for line in block.decode().split("\n"))
                 yield SseEvent(
                     fields["id"], fields["event"], json.loads(fields["data"]), time.time()

@@ -38,6 +38,8 @@ async def sse_events(client: httpx.AsyncClient, path: str) -> AsyncIterator[dict
                     yield event
                 event = {}
                 continue
+            if line.startswith(":"):  # a comment: the keep-alive of a quiet stream
+                continue
             name, _, value = line.partition(": ")
             event[name] = json.loads(value) if name == "data" else value
 

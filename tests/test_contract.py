@@ -352,9 +352,13 @@ async def test_the_events_of_a_job_match_their_documented_schemas(
             assert stream.headers["content-type"].startswith("text/event-stream")
             event: dict[str, str] = {}
             async for line in stream.aiter_lines():
+                if line.startswith(":"):  # a comment: the keep-alive of a quiet stream
+                    continue
                 if line:
                     name, _, value = line.partition(": ")
                     event[name] = value
+                    continue
+                if not event:  # the end of a comment's message
                     continue
                 check(event_schema, event)
                 check(data_schemas[event["event"]], json.loads(event["data"]))

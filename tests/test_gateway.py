@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,6 +37,7 @@ from services.common.events import EventLog
 from services.common.objectstore import LocalStore, content_key, open_store
 from services.common.queue import JobQueue
 from services.common.settings import GatewaySettings
+from services.gateway.http_api import KEEPALIVE
 from services.gateway.jobs import WATCH_IDLE_SECONDS
 from services.jobs.lifecycle import JobLifecycle
 from services.jobs.records import CacheMode
@@ -481,6 +483,35 @@ async def test_watch_of_a_job_queued_longer_than_a_poll_keeps_following_it(
         rest = await watch.rest()
     assert [e.WhichOneof("payload") for e in rest] == ["final"]
     assert event_order(rest[0].id) > event_order(queued.id)
+
+
+async def test_an_sse_stream_says_it_is_alive_while_its_job_waits(
+    http: httpx.AsyncClient,
+) -> None:
+    """A queued job's stream is quiet until a worker takes it: after each quiet while it sends an
+    SSE comment, so that proxies and clients with read timeouts keep the connection."""
+    body = {"prompt": f"a windmill {uuid.uuid4().hex}", "width": 64, "height": 64, "steps": 4}
+    run_id = (await http.post("/api/generate/text-to-image", json=body)).json()["run_id"]
+    lines: list[str] = []
+    opened = time.monotonic()
+    quiet = 0.0
+    async with http.stream("GET", f"/api/status/stream/{run_id}") as stream:
+        async for line in stream.aiter_lines():
+            lines.append(line)
+            if line == KEEPALIVE.decode().rstrip() and not quiet:
+                quiet = time.monotonic() - opened
+                await http.post(f"/api/jobs/{run_id}/cancel")
+            if line.startswith("data: ") and lines[-2] == "event: final":
+                break
+    assert WATCH_IDLE_SECONDS - 0.5 < quiet < WAIT
+    keepalive = lines.index(": keep-alive")
+    # The queued status first, the comment as a message of its own, then the cancel's end.
+    assert "event: status" in lines[:keepalive] and lines[keepalive - 1 : keepalive + 2] == [
+        "",
+        ": keep-alive",
+        "",
+    ]
+    assert "event: final" in lines[keepalive:]
 
 
 async def test_watch_of_an_unknown_job_is_not_found(

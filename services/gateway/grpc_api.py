@@ -122,6 +122,8 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
     ) -> AsyncIterator[image_service_pb2.WatchJobResponse]:
         watched = self._jobs.watch(current_caller(), request.job_id, request.after_event_id)
         async for event in watched:
+            if event is None:  # quiet: HTTP/2 keepalive pings keep a gRPC stream open
+                continue
             with_urls(event, self._jobs.objects.download_url)
             yield image_service_pb2.WatchJobResponse(event=event)
 

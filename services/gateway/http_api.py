@@ -77,6 +77,10 @@ from services.tenants.keys import Scope
 STATIC = Path(__file__).parent / "static"
 
 
+# An SSE comment: what a stream sends after a quiet while (jobs.WATCH_IDLE_SECONDS).
+KEEPALIVE = b": keep-alive\n\n"
+
+
 def options_from_request(jobs: JobService, body: GenerateRequest, idempotency_key: str) -> Options:
     """How to run the job: cache mode, lane, cost ceiling and webhook, from the body."""
     webhook: Webhook | None = None
@@ -139,18 +143,23 @@ def build_app(
         after = resume_after(request)
         events = jobs.watch(caller_of(request), run_id, after)
         # Errors (unknown job, bad id) become a JSON status here, before the stream starts.
-        first = await anext(events, None)
-        if first is None:  # resumed after the final event; 204 tells EventSource to stop
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:  # resumed after the final event; 204 tells EventSource to stop
             return Response(status_code=204)
 
+        def message(event: events_pb2.JobEvent | None) -> bytes:
+            if event is None:  # a quiet while (a queued job): proxies cut idle connections
+                return KEEPALIVE
+            name, data = event_json(with_urls(event, jobs.objects.download_url))
+            return f"id: {event.id}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
         async def sse() -> AsyncIterator[bytes]:
-            event: events_pb2.JobEvent | None = first
             metrics.SSE_WATCHERS.inc()
             try:
-                while event is not None:
-                    name, data = event_json(with_urls(event, jobs.objects.download_url))
-                    yield f"id: {event.id}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
-                    event = await anext(events, None)
+                yield message(first)
+                async for event in events:
+                    yield message(event)
             finally:
                 metrics.SSE_WATCHERS.dec()
 

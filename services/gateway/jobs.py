@@ -361,9 +361,10 @@ class JobService:
 
     async def watch(
         self, caller: Caller, job_id: str, after_event_id: str
-    ) -> AsyncIterator[events_pb2.JobEvent]:
-        """Events after `after_event_id`, then live ones, ending with the final event. When the
-        event stream was lost (Redis restarted empty), the record supplies the final event."""
+    ) -> AsyncIterator[events_pb2.JobEvent | None]:
+        """Events after `after_event_id`, then live ones, ending with the final event; None
+        after each WATCH_IDLE_SECONDS without one (a stream can say it is alive). When the event
+        stream was lost (Redis restarted empty), the record supplies the final event."""
         current_job.set(job_id)
         after = check_event_id(after_event_id, "after_event_id")
         # NotFound (another tenant's job too) before the stream starts.
@@ -384,6 +385,7 @@ class JobService:
                 final.final.job.CopyFrom(job)
                 yield final
                 return
+            yield None
 
 
 def _next_event_id(event_id: str) -> str:

@@ -541,7 +541,7 @@ def _paths() -> dict[str, Any]:
                         "server-sent events, each described by the schema (as Open API 3.2's"
                         " itemSchema would): `id:` the event id (resume after it with"
                         " Last-Event-ID), `event:` its kind, `data:` its JSON; the stream ends"
-                        " after `final`",
+                        " after `final`. A quiet while (5 s) sends the comment `: keep-alive`",
                         {"text/event-stream": {"schema": event}},
                     ),
                     "204": _answer("resumed after the final event: nothing more will come"),
