@@ -14,8 +14,9 @@ from PIL import Image
 
 from services.common.models import ModelSpec, Registry, load_registry
 from services.common.settings import ROOT
-from services.common.spec import Spec, resolve
+from services.common.spec import GuidanceImage, Spec, resolve
 from services.generator.engine import Engine, Preview, Rendered, Stage, Step, Update
+from services.generator.guidance import Guidance
 from services.generator.pipeline import StepCancelled
 
 
@@ -129,6 +130,24 @@ async def test_previews_come_every_k_steps_as_small_pngs(
     with Image.open(io.BytesIO(previews[0].png)) as preview:
         assert preview.size == (128 // 8, 64 // 8)
     assert len(previews[0].png) < 2048
+
+
+async def test_img2img_progress_counts_the_steps_it_runs_and_previews_them(
+    engine: Engine, registry: Registry
+) -> None:
+    """At strength 0.5 an 8-step img2img render runs the last 4 steps: progress goes 1..4 of 4
+    to 100%, and previews come from the guided pipeline as from the plain one."""
+    reference = GuidanceImage(key="uploads/ab/reference.png", role="reference")
+    spec = job(registry, steps=8, guidance_images=(reference,), strength=0.5)
+    assert spec.denoising_steps() == 4
+    guided = Guidance(reference=Image.new("RGB", (64, 64), (200, 40, 40)), strength=0.5)
+    cancel = threading.Event()
+    items = [u async for u in engine.render(spec, cancel, guidance=guided, preview_every=2)]
+    steps = [u for u in items if isinstance(u, Step)]
+    assert [(s.step, s.total_steps) for s in steps] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert [s.percent for s in steps] == pytest.approx([25.0, 50.0, 75.0, 100.0])
+    assert [p.step for p in items if isinstance(p, Preview)] == [2]
+    assert len(images(items)) == 1
 
 
 async def test_a_request_waits_at_most_one_batch_behind_an_incompatible_one(

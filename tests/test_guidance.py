@@ -203,7 +203,7 @@ def render(
         steps=steps,
         guidance_scale=7.5,
         seed=seed,
-        on_step=on_step or (lambda done, total: None),
+        on_step=on_step or (lambda done, total, latents: None),
         should_stop=should_stop or (lambda: False),
     )
     assert image.size == (SIZE, SIZE)
@@ -304,7 +304,11 @@ def test_img2img_reports_steps_times_strength_and_stops_when_asked(
 
 
 def _append(into: list[tuple[int, int]]) -> Any:
-    return lambda done, total: into.append((done, total))
+    def on_step(done: int, total: int, latents: Any) -> None:
+        assert isinstance(latents, torch.Tensor) and latents.ndim == 4  # what previews show
+        into.append((done, total))
+
+    return on_step
 
 
 def test_guided_pipelines_are_made_once_and_share_the_loaded_weights(

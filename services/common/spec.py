@@ -116,6 +116,13 @@ class Spec:
     def reference_key(self) -> str:
         return next((g.key for g in self.guidance_images if g.role == "reference"), "")
 
+    def denoising_steps(self) -> int:
+        """The denoising steps a render runs: img2img (a reference image) starts part-way,
+        `steps x strength` steps from the end (diffusers' own count: int(steps * strength))."""
+        if self.strength is None or not self.reference_key():
+            return self.steps
+        return min(self.steps, int(self.steps * self.strength))
+
 
 def normalize_prompt(text: str) -> str:
     """Lowercase, trimmed, whitespace collapsed."""

@@ -260,11 +260,12 @@ class Engine:
             )
             for index in todo
         ]
+        steps = spec.denoising_steps()  # the progress counts the steps that run
         progress = _Progress(
-            steps=spec.steps,
+            steps=steps,
             todo=len(todo),
-            total=spec.steps * spec.num_variants,
-            skipped=spec.steps * (spec.num_variants - len(todo)),
+            total=steps * spec.num_variants,
+            skipped=steps * (spec.num_variants - len(todo)),
         )
         runner = self._runners.get(rows[0].model)
         max_batch = runner.batch_size(rows[0].request) if runner is not None else 1

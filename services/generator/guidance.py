@@ -311,7 +311,7 @@ def render_guided(
     steps: int,
     guidance_scale: float,
     seed: int,
-    on_step: Callable[[int, int], None],
+    on_step: Callable[[int, int, Any], None],
     should_stop: Callable[[], bool],
 ) -> Image.Image:
     """Render one image from `pipe` (a loaded Stable Diffusion pipeline) with `guidance`.
@@ -321,10 +321,11 @@ def render_guided(
     neither runs a plain text-to-image pipeline made from `pipe`. Renders through the pipelines
     made from one `pipe` run one at a time.
 
-    `on_step(done, total)` follows each denoising step (img2img runs `int(steps x strength)` of
-    them). Raises StepCancelled at the first check (before the first step, then after each)
-    where `should_stop()` is True, and ValueError for a size, step count, strength or
-    ControlNet the render cannot take. Synchronous: callers run it in a worker thread.
+    `on_step(done, total, latents)` follows each denoising step (img2img runs
+    `int(steps x strength)` of them). Raises StepCancelled at the first check (before the first
+    step, then after each) where `should_stop()` is True, and ValueError for a size, step count,
+    strength or ControlNet the render cannot take. Synchronous: callers run it in a worker
+    thread.
     """
     _check(guidance, controlnets, width, height, steps)
     if should_stop():
@@ -335,7 +336,7 @@ def render_guided(
     ) -> dict[str, Any]:
         total = int(getattr(running, "num_timesteps", steps))
         done = step_index + 1
-        on_step(done, total)
+        on_step(done, total, tensors.get("latents"))
         if should_stop():
             raise StepCancelled(done, total)
         return tensors

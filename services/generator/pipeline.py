@@ -292,7 +292,7 @@ class SdRunner:
                 request.steps,
                 request.guidance_scale,
                 request.seed,
-                on_step=lambda done, total: watch.step(done, total, None),
+                on_step=watch.step,
                 should_stop=lambda: watch.dropped(0),
             )
         except StepCancelled:
