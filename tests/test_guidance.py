@@ -618,12 +618,25 @@ async def test_a_reference_and_a_controlnet_the_model_has_are_admitted_with_thei
     spec.strength = 0.3
     response = await images.CreateJob(image_service_pb2.CreateJobRequest(spec=spec))
     assert response.job.spec.strength == pytest.approx(0.3)
-    body = {**http_body(reference_key, ""), "strength": 0.6}
+    body = {
+        **http_body(reference_key, ""),
+        "strength": 0.6,
+        "controlnet": {"name": "canny", "weight": 0.7},
+        "preview_every": 2,
+    }
     created = await http.post("/api/generate/text-to-image", json=body)
     assert created.status_code == 201, created.text
-    assert created.json()["request"]["strength"] == 0.6
     status = await http.get(f"/api/status/{created.json()['run_id']}")
-    assert status.json()["request"]["strength"] == 0.6
+    # The job says what guides it, over HTTP as over gRPC.
+    for job in (created.json(), status.json()):
+        assert job["request"]["strength"] == 0.6
+        assert job["request"]["guidance_images"] == [{"key": reference_key, "role": "reference"}]
+        assert job["request"]["controlnet"] == {"name": "canny", "weight": 0.7, "mask": None}
+        assert job["request"]["preview_every"] == 2
+    got = await images.GetJob(image_service_pb2.GetJobRequest(job_id=created.json()["run_id"]))
+    assert got.job.spec.preview_every_steps == 2 and got.job.spec.controlnet.name == "canny"
+    assert status.json()["engine_version"] == got.job.engine_version != ""
+    assert status.json()["retryable"] is False and status.json()["evaluator_models"] == []
 
 
 async def test_list_models_and_the_http_models_list_say_what_each_model_can_honour(

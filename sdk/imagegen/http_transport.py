@@ -30,6 +30,7 @@ from imagegen.types import (
     Evaluation,
     Event,
     Final,
+    GuidanceImage,
     Job,
     JobStatus,
     Model,
@@ -343,7 +344,13 @@ def job_from_json(
         num_variants=int(request.get("num_variants") or 0),
         steps=int(request.get("steps") or 0),
         guidance_scale=_float(request.get("guidance_scale")),
+        guidance_images=tuple(
+            GuidanceImage(str(g.get("key") or ""), str(g.get("role") or ""))
+            for g in request.get("guidance_images") or []
+        ),
+        controlnet=controlnet_from_json(request.get("controlnet")),
         strength=_float(request.get("strength")),
+        preview_every=int(request.get("preview_every") or 0),
     )
     return Job(
         id=job_id,
@@ -361,12 +368,20 @@ def job_from_json(
         error=str(d.get("error") or ""),
         retryable=bool(d.get("retryable", False)),
         attempts=int(d.get("attempts") or 0),
+        engine_version=str(d.get("engine_version") or ""),
+        evaluator_models=tuple(str(m) for m in d.get("evaluator_models") or []),
         notices=tuple(str(n) for n in d.get("notices") or []),
         created_at=parse_time(d.get("created_at")),
         updated_at=parse_time(d.get("updated_at")),
         estimate=estimate,
         idempotent_replay=idempotent_replay,
     )
+
+
+def controlnet_from_json(d: Mapping[str, Any] | None) -> ControlNet | None:
+    if not d:
+        return None
+    return ControlNet(str(d.get("name") or ""), float(d.get("weight") or 0.0), d.get("mask") or "")
 
 
 def estimate_from_json(d: Mapping[str, Any]) -> Estimate:

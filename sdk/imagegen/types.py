@@ -292,6 +292,8 @@ class Job:
     error: str = ""
     retryable: bool = False
     attempts: int = 0
+    engine_version: str = ""  # the code that rendered the pixels
+    evaluator_models: tuple[str, ...] = ()  # the models behind the scores
     notices: tuple[str, ...] = ()
     created_at: datetime | None = None
     updated_at: datetime | None = None

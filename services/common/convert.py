@@ -31,7 +31,7 @@ _ROLE_TO_PB = {
     "style": types_pb2.GUIDANCE_ROLE_STYLE,
     "texture": types_pb2.GUIDANCE_ROLE_TEXTURE,
 }
-_ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
+ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
 # Domain (and HTTP) field names whose protobuf name differs.
 _PB_FIELD = {
     "prompt": "text",
@@ -70,7 +70,7 @@ def spec_from_pb(message: types_pb2.GenerationSpec) -> Spec:
             round(message.guidance_scale, 6) if message.HasField("guidance_scale") else None
         ),
         guidance_images=tuple(
-            GuidanceImage(key=g.key, role=_ROLE_FROM_PB.get(g.role, "unspecified"))
+            GuidanceImage(key=g.key, role=ROLE_FROM_PB.get(g.role, "unspecified"))
             for g in message.guidance_images
         ),
         controlnet=controlnet,

@@ -17,7 +17,7 @@ from imagegen.v1 import events_pb2, types_pb2
 from pydantic import ConfigDict, Field, with_config
 from typing_extensions import TypedDict
 
-from services.common.convert import STATUS_FROM_PB
+from services.common.convert import ROLE_FROM_PB, STATUS_FROM_PB
 from services.gateway.cost import Cost
 
 _EXACT = ConfigDict(extra="forbid")
@@ -50,6 +50,19 @@ class ArtifactJson(TypedDict):
 
 
 @with_config(_EXACT)
+class ResolvedGuidanceImageJson(TypedDict):
+    key: str
+    role: Annotated[str, Field(description="reference, style or texture")]
+
+
+@with_config(_EXACT)
+class ResolvedControlNetJson(TypedDict):
+    name: str
+    weight: float
+    mask: str | None
+
+
+@with_config(_EXACT)
 class ResolvedRequestJson(TypedDict):
     """The request as the job runs it: the model's defaults filled in."""
 
@@ -63,6 +76,9 @@ class ResolvedRequestJson(TypedDict):
     guidance_scale: float
     strength: float | None
     negative_prompt: str
+    guidance_images: list[ResolvedGuidanceImageJson]
+    controlnet: ResolvedControlNetJson | None
+    preview_every: int
 
 
 @with_config(_EXACT)
@@ -83,7 +99,16 @@ class JobJson(TypedDict):
     cost_cents: Annotated[int, Field(description="charged: 0 until completed, 0 for a hit")]
     cached_hit: bool
     error: str
+    retryable: Annotated[
+        bool,
+        Field(
+            description="a failure that submitting the job again may not meet (a store or"
+            " worker outage); false when the request itself cannot succeed"
+        ),
+    ]
     attempts: int
+    engine_version: Annotated[str, Field(description="the code that renders the pixels")]
+    evaluator_models: Annotated[list[str], Field(description="the models behind the scores")]
     notices: list[str]
     request: ResolvedRequestJson
     artifacts: list[ArtifactJson]
@@ -389,7 +414,10 @@ def job_json(job: types_pb2.Job) -> JobJson:
         "cost_cents": job.cost_cents,
         "cached_hit": job.cache_hit,
         "error": job.error,
+        "retryable": job.retryable,
         "attempts": job.attempts,
+        "engine_version": job.engine_version,
+        "evaluator_models": list(job.evaluator_models),
         "notices": list(job.notices),
         "request": {
             "prompt": job.spec.text,
@@ -406,6 +434,12 @@ def job_json(job: types_pb2.Job) -> JobJson:
             "guidance_scale": round(job.spec.guidance_scale, 4),
             "strength": round(job.spec.strength, 4) if job.spec.HasField("strength") else None,
             "negative_prompt": job.spec.negative_prompt,
+            "guidance_images": [
+                {"key": g.key, "role": ROLE_FROM_PB.get(g.role, "unspecified")}
+                for g in job.spec.guidance_images
+            ],
+            "controlnet": controlnet_json(job.spec),
+            "preview_every": job.spec.preview_every_steps,
         },
         "artifacts": [artifact_json(a) for a in job.artifacts],
         "withheld": [
@@ -414,6 +448,13 @@ def job_json(job: types_pb2.Job) -> JobJson:
         "created_at": job.create_time.ToJsonString() if job.HasField("create_time") else None,
         "updated_at": job.update_time.ToJsonString() if job.HasField("update_time") else None,
     }
+
+
+def controlnet_json(spec: types_pb2.GenerationSpec) -> ResolvedControlNetJson | None:
+    if not spec.HasField("controlnet"):
+        return None
+    c = spec.controlnet
+    return {"name": c.name, "weight": round(c.weight, 4), "mask": c.mask_key or None}
 
 
 def cost_json(cost: Cost) -> EstimateJson:

@@ -243,6 +243,8 @@ def _registry_rules(models: Sequence[ModelSpec], default: str) -> dict[str, Any]
 def components(models: Sequence[ModelSpec], default: str) -> dict[str, Any]:
     generated = _schemas()
     names = {name: _public_name(name) for name in generated}
+    clashes = {n for n in names.values() if list(names.values()).count(n) > 1}
+    assert not clashes, f"two schemas would share a component name: {sorted(clashes)}"
     schemas = {names[k]: _renamed(copy.deepcopy(v), names) for k, v in generated.items()}
     by_model = _registry_rules(models, default)
     for request in ("GenerateRequest", "EstimateRequest", "CacheLookupRequest"):

@@ -175,6 +175,7 @@ async def test_generate_writes_pngs_whose_sha256_match_the_jobs_artifacts(
     assert job.status == JobStatus.COMPLETED
     assert sorted((v.index, v.seed) for v in job.variants) == [(0, 7), (1, 8)]
     assert job.estimate is not None and job.estimate.total_cents == job.cost_cents
+    assert job.engine_version and job.evaluator_models and not job.retryable
     # The server's own record of the artifacts, read over plain HTTP.
     async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth) as http:
         record = (await http.get(f"/api/status/{job.id}")).json()
@@ -241,6 +242,9 @@ async def test_an_uploaded_image_guides_a_job(api: Api, tmp_path: Path) -> None:
         **SMALL,
     )
     assert job.status == JobStatus.COMPLETED and len(job.variants) == 1
+    # The job says what guided it, over either transport.
+    assert job.spec.guidance_images == (GuidanceImage(from_path, "reference"),)
+    assert job.spec.strength == pytest.approx(0.6)
 
 
 async def test_lookup_misses_then_finds_the_generated_result(api: Api) -> None:
