@@ -225,6 +225,7 @@ async def test_create_job_with_an_idempotency_key_returns_the_first_job(
     first = await create(images, request_spec, idempotency_key=key)
     second = await create(images, request_spec, idempotency_key=key)
     assert second.job.id == first.job.id
+    assert (first.idempotent_replay, second.idempotent_replay) == (False, True)
     assert second.job.spec.seed == first.job.spec.seed
     other = await create(images, request_spec, idempotency_key=f"retry-{uuid.uuid4()}")
     assert other.job.id != first.job.id

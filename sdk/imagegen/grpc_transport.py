@@ -208,7 +208,9 @@ class GrpcTransport:
         response: image_service_pb2.CreateJobResponse = await self._unary(
             self._images().CreateJob, request
         )
-        return job_from_pb(response.job, estimate_from_pb(response.estimate))
+        return job_from_pb(
+            response.job, estimate_from_pb(response.estimate), response.idempotent_replay
+        )
 
     async def get(self, job_id: str) -> Job:
         request = image_service_pb2.GetJobRequest(job_id=job_id)
@@ -328,7 +330,9 @@ def variant_from_pb(a: types_pb2.Artifact, job_id: str) -> Variant:
     )
 
 
-def job_from_pb(j: types_pb2.Job, estimate: Estimate | None = None) -> Job:
+def job_from_pb(
+    j: types_pb2.Job, estimate: Estimate | None = None, idempotent_replay: bool = False
+) -> Job:
     return Job(
         id=j.id,
         status=STATUS.get(j.status, JobStatus.UNKNOWN),
@@ -348,8 +352,7 @@ def job_from_pb(j: types_pb2.Job, estimate: Estimate | None = None) -> Job:
         created_at=j.create_time.ToDatetime(UTC) if j.HasField("create_time") else None,
         updated_at=j.update_time.ToDatetime(UTC) if j.HasField("update_time") else None,
         estimate=estimate,
-        # A replayed CreateJob answers the first job; gRPC does not say it was a replay.
-        idempotent_replay=False,
+        idempotent_replay=idempotent_replay,
     )
 
 

@@ -108,7 +108,9 @@ class ImageServicer(image_service_pb2_grpc.ImageServiceServicer):
         except InvalidArgument as error:
             raise with_pb_fields(error) from None
         return image_service_pb2.CreateJobResponse(
-            job=self._signed(admission.job), estimate=cost_pb(admission.estimate)
+            job=self._signed(admission.job),
+            estimate=cost_pb(admission.estimate),
+            idempotent_replay=not admission.created,
         )
 
     async def GetJob(

@@ -368,6 +368,5 @@ async def test_a_submit_whose_answer_was_lost_is_retried_to_the_same_job(
     async with httpx.AsyncClient(base_url=mesh.http_url, headers=mesh.auth) as http:
         listed = (await http.get("/api/jobs", params={"page_size": 100})).json()["jobs"]
     assert [j["run_id"] for j in listed if j["request"]["prompt"] == text] == [job.id]
-    if proxied.transport == "http":
-        assert job.idempotent_replay
+    assert job.idempotent_replay
     await proxied("wait", job.id)
