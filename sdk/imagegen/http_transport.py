@@ -62,6 +62,9 @@ _CODES = {
 _S3_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
+# How long an event stream may stay silent before it is taken for dead (6 keep-alives).
+STREAM_SILENCE_SECONDS = 30.0
+
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
@@ -193,8 +196,10 @@ class HttpTransport:
         request_id = new_request_id()
         path = f"/api/status/stream/{quote(job_id, safe='')}"
         extra = {"Accept": "text/event-stream", **({"Last-Event-ID": after} if after else {})}
-        # No read timeout: a queued job may stay silent for a long while.
-        timeout = httpx.Timeout(self._timeout, read=None)
+        # The server says something after every 5 s of quiet (an event, or a keep-alive comment
+        # while the job waits): this long without a byte, the connection is dead (a peer or
+        # middlebox gone without closing it), and the stream resumes on a new one.
+        timeout = httpx.Timeout(self._timeout, read=STREAM_SILENCE_SECONDS)
         try:
             async with self._http.stream(
                 "GET",

@@ -2,7 +2,8 @@
 way a network does: `cut()` breaks every open connection at once; while `swallow` is set, what
 the server sends is dropped, so a request can be handled by the server while its answer never
 reaches the client (`answered` is set once a whole answer's worth was dropped: more than the
-few bytes of an HTTP/2 PING, SETTINGS ack or WINDOW_UPDATE).
+few bytes of an HTTP/2 PING, SETTINGS ack or WINDOW_UPDATE); `freeze()` makes the connections
+open now go silent both ways without closing them (a peer or middlebox gone).
 
 It runs on threads of its own, so that it works the same under the async client (on the test's
 event loop) and the sync one (on a worker thread).
@@ -24,6 +25,7 @@ class TcpProxy:
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._frozen: list[tuple[socket.socket, socket.socket]] = []
         self.swallow = False
         self.swallowed = 0
         self.answered = threading.Event()
@@ -61,6 +63,8 @@ class TcpProxy:
     ) -> None:
         try:
             while data := source.recv(65536):
+                if pair in self._frozen:
+                    continue
                 if from_server and self.swallow:
                     self.swallowed += len(data)
                     if self.swallowed >= ANSWER_BYTES:
@@ -70,7 +74,8 @@ class TcpProxy:
         except OSError:
             pass
         finally:
-            self._break(pair)
+            if pair not in self._frozen:  # a frozen connection's client is never told
+                self._break(pair)
 
     def _break(self, pair: tuple[socket.socket, socket.socket]) -> None:
         with self._lock:
@@ -81,6 +86,12 @@ class TcpProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
+    def freeze(self) -> None:
+        """The connections open now carry nothing more, either way, and stay open; new ones are
+        served."""
+        with self._lock:
+            self._frozen.extend(self._pairs)
+
     def cut(self) -> None:
         """Breaks every open connection (what was swallowed is lost); new ones are served."""
         with self._lock:
@@ -88,6 +99,7 @@ class TcpProxy:
             self.cuts += 1
         for pair in pairs:
             self._break(pair)
+        self._frozen.clear()
         self.swallow = False
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from imagegen import (
     Status,
     Unauthenticated,
     Unsupported,
+    http_transport,
 )
 from PIL import Image
 
@@ -351,6 +352,30 @@ async def test_a_stream_cut_mid_job_resumes_without_lost_or_repeated_events(
         ordered(tail)
         == ordered(everything)[ordered(everything).index((cut_at[0], "Progress")) + 1 :]
     )
+
+
+async def test_a_stream_gone_silent_is_taken_for_dead_and_resumed_on_a_new_connection(
+    api: Api, proxied: Api, proxy: TcpProxy, kind: tuple[str, bool], monkeypatch: Any
+) -> None:
+    """A connection that stays open but carries nothing (a peer gone without closing it): the
+    server speaks at least every 5 s, so the HTTP client takes a longer silence for a dead
+    connection and resumes after its last event."""
+    if kind[0] != "http":
+        pytest.skip("the gRPC channel has no keepalive pings yet (README, not there yet)")
+    monkeypatch.setattr(http_transport, "STREAM_SILENCE_SECONDS", 2.0)
+    job: Job = await api("submit", prompt("a quarry"), seed=3, **SMALL)
+    frozen_at: list[str] = []
+
+    def freeze_once(event: Event) -> None:
+        if isinstance(event, Progress) and not frozen_at:
+            frozen_at.append(event.id)
+            proxy.freeze()
+
+    resumed = await proxied.events(job.id, each=freeze_once)
+    assert frozen_at and proxy.connections >= 2
+    everything = await api.events(job.id)
+    assert ordered(resumed) == ordered(everything)
+    assert isinstance(resumed[-1], Final) and resumed[-1].job.status == JobStatus.COMPLETED
 
 
 async def test_a_submit_whose_answer_was_lost_is_retried_to_the_same_job(
