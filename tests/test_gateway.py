@@ -20,6 +20,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from imagegen import grpc_transport
 from imagegen.v1 import (
     cache_service_pb2,
     cache_service_pb2_grpc,
@@ -472,10 +473,18 @@ async def test_watch_follows_a_job_live_and_resumes_after_an_event_without_dupli
 
 
 async def test_watch_of_a_job_queued_longer_than_a_poll_keeps_following_it(
-    images: image_service_pb2_grpc.ImageServiceStub,
+    mesh: Mesh, images: image_service_pb2_grpc.ImageServiceStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Over a channel that pings while the stream is quiet, as the SDK's does (more often here):
+    # the gateway takes the pings, where gRPC's default answers "Too many pings" by the third.
+    monkeypatch.setattr(grpc_transport, "KEEPALIVE_SECONDS", 1.5)
+    pinging = grpc.aio.insecure_channel(
+        mesh.addr("gateway"),
+        options=grpc_transport.channel_options(),
+        interceptors=mesh.auth_interceptors,
+    )
     job = (await create(images, spec())).job
-    async with Watch(images, job.id) as watch:
+    async with pinging, Watch(image_service_pb2_grpc.ImageServiceStub(pinging), job.id) as watch:
         queued = await watch.event()
         # Nothing happens for longer than one blocking read of the event stream.
         await asyncio.sleep(WATCH_IDLE_SECONDS + 1.0)

@@ -61,6 +61,28 @@ from imagegen.v1 import (
 )
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# HTTP/2 keepalive: a ping after this long without a frame, and the connection is taken for dead
+# (a peer or middlebox gone without closing it) when its answer takes longer than the timeout;
+# calls on it fail UNAVAILABLE and event streams resume on a new one. The services accept a
+# ping a second on a quiet connection (services/common/server.py).
+KEEPALIVE_SECONDS = 20.0
+KEEPALIVE_TIMEOUT_SECONDS = 10.0
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    """The SDK's gRPC channel arguments: message sizes, user agent and keepalive."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.primary_user_agent", USER_AGENT),
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_SECONDS * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000)),
+        # What grpc core (1.85) actually waits for a ping's ack (default: a minute).
+        ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000)),
+        # Keep pinging while a stream is quiet (a queued job), not just twice.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
 
 STATUS = {
     types_pb2.JOB_STATUS_QUEUED: JobStatus.QUEUED,
@@ -165,11 +187,7 @@ class GrpcTransport:
     def _open(self) -> grpc.aio.Channel:
         """The channel, made on first use: grpc.aio binds it to the running event loop."""
         if self._channel is None:
-            options = [
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.primary_user_agent", USER_AGENT),
-            ]
+            options = channel_options()
             if self._secure:
                 credentials = grpc.ssl_channel_credentials()
                 self._channel = grpc.aio.secure_channel(self.target, credentials, options)

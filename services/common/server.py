@@ -156,6 +156,10 @@ async def start_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Clients' keepalive pings on a quiet stream (the SDK pings after 20 s): accepted up to
+        # one a second, where gRPC's default (one per 5 min) answers "Too many pings" (GOAWAY).
+        # grpc core 1.85 reads the receiving side's limit from this name.
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     ]
     server = grpc.aio.server(
         interceptors=[CallInterceptor(ServerWatch.of(service)), *interceptors], options=options

@@ -35,6 +35,7 @@ from imagegen import (
     Status,
     Unauthenticated,
     Unsupported,
+    grpc_transport,
     http_transport,
 )
 from PIL import Image
@@ -357,12 +358,13 @@ async def test_a_stream_cut_mid_job_resumes_without_lost_or_repeated_events(
 async def test_a_stream_gone_silent_is_taken_for_dead_and_resumed_on_a_new_connection(
     api: Api, proxied: Api, proxy: TcpProxy, kind: tuple[str, bool], monkeypatch: Any
 ) -> None:
-    """A connection that stays open but carries nothing (a peer gone without closing it): the
-    server speaks at least every 5 s, so the HTTP client takes a longer silence for a dead
-    connection and resumes after its last event."""
-    if kind[0] != "http":
-        pytest.skip("the gRPC channel has no keepalive pings yet (README, not there yet)")
+    """A connection that stays open but carries nothing (a peer gone without closing it): over
+    HTTP the server speaks at least every 5 s, so the client takes a longer silence for a dead
+    connection; over gRPC an unanswered keepalive ping says so. Either resumes after the last
+    event on a new connection."""
     monkeypatch.setattr(http_transport, "STREAM_SILENCE_SECONDS", 2.0)
+    monkeypatch.setattr(grpc_transport, "KEEPALIVE_SECONDS", 2.0)
+    monkeypatch.setattr(grpc_transport, "KEEPALIVE_TIMEOUT_SECONDS", 1.0)
     job: Job = await api("submit", prompt("a quarry"), seed=3, **SMALL)
     frozen_at: list[str] = []
 
