@@ -331,27 +331,36 @@ def ordered(events: list[Event]) -> list[tuple[str, str]]:
     return [(e.id, type(e).__name__) for e in events]
 
 
+async def resumed_after_breaking(
+    api: Api, proxied: Api, proxy: TcpProxy, job: Job, breaking: Callable[[], None]
+) -> tuple[list[Event], str]:
+    """Reads the job's events through `proxy`, calling `breaking` at the first progress event,
+    and checks the client resumed on a new connection with every event once, in order, to the
+    final one. The whole stream and the id of the event it broke at."""
+    broken_at: list[str] = []
+
+    def break_once(event: Event) -> None:
+        if isinstance(event, Progress) and not broken_at:
+            broken_at.append(event.id)
+            breaking()
+
+    resumed = await proxied.events(job.id, each=break_once)
+    assert broken_at and proxy.connections >= 2
+    everything = await api.events(job.id)  # the whole stream again, read in one go
+    assert ordered(resumed) == ordered(everything)
+    assert isinstance(resumed[-1], Final) and resumed[-1].job.status == JobStatus.COMPLETED
+    return everything, broken_at[0]
+
+
 async def test_a_stream_cut_mid_job_resumes_without_lost_or_repeated_events(
     api: Api, proxied: Api, proxy: TcpProxy
 ) -> None:
     job: Job = await api("submit", prompt("a river"), seed=2, num_variants=2, **SMALL)
-    cut_at: list[str] = []
-
-    def cut_once(event: Event) -> None:
-        if isinstance(event, Progress) and not cut_at:
-            cut_at.append(event.id)
-            proxy.cut()
-
-    resumed = await proxied.events(job.id, each=cut_once)
-    assert cut_at and proxy.connections >= 2
-    everything = await api.events(job.id)  # the whole stream again, read in one go
-    assert ordered(resumed) == ordered(everything)
-    assert isinstance(resumed[-1], Final) and resumed[-1].job.status == JobStatus.COMPLETED
+    everything, cut_at = await resumed_after_breaking(api, proxied, proxy, job, proxy.cut)
     # Resuming after an event id replays only what came after it.
-    tail = await api.events(job.id, after=cut_at[0])
+    tail = await api.events(job.id, after=cut_at)
     assert (
-        ordered(tail)
-        == ordered(everything)[ordered(everything).index((cut_at[0], "Progress")) + 1 :]
+        ordered(tail) == ordered(everything)[ordered(everything).index((cut_at, "Progress")) + 1 :]
     )
 
 
@@ -366,18 +375,7 @@ async def test_a_stream_gone_silent_is_taken_for_dead_and_resumed_on_a_new_conne
     monkeypatch.setattr(grpc_transport, "KEEPALIVE_SECONDS", 2.0)
     monkeypatch.setattr(grpc_transport, "KEEPALIVE_TIMEOUT_SECONDS", 1.0)
     job: Job = await api("submit", prompt("a quarry"), seed=3, **SMALL)
-    frozen_at: list[str] = []
-
-    def freeze_once(event: Event) -> None:
-        if isinstance(event, Progress) and not frozen_at:
-            frozen_at.append(event.id)
-            proxy.freeze()
-
-    resumed = await proxied.events(job.id, each=freeze_once)
-    assert frozen_at and proxy.connections >= 2
-    everything = await api.events(job.id)
-    assert ordered(resumed) == ordered(everything)
-    assert isinstance(resumed[-1], Final) and resumed[-1].job.status == JobStatus.COMPLETED
+    await resumed_after_breaking(api, proxied, proxy, job, proxy.freeze)
 
 
 async def test_a_submit_whose_answer_was_lost_is_retried_to_the_same_job(
