@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from imagegen.http_transport import sse_messages
 from PIL import Image
 
 REQUEST = {
@@ -28,20 +29,11 @@ REQUEST = {
 
 
 async def sse_events(client: httpx.AsyncClient, path: str) -> AsyncIterator[dict[str, Any]]:
-    """Parses a text/event-stream into {id, event, data} dicts."""
+    """The job stream's events as {id, event, data} dicts (read by the SDK's SSE parser)."""
     async with client.stream("GET", path) as response:
         response.raise_for_status()
-        event: dict[str, Any] = {}
-        async for line in response.aiter_lines():
-            if not line:
-                if event:
-                    yield event
-                event = {}
-                continue
-            if line.startswith(":"):  # a comment: the keep-alive of a quiet stream
-                continue
-            name, _, value = line.partition(": ")
-            event[name] = json.loads(value) if name == "data" else value
+        async for name, event_id, data in sse_messages(response.aiter_lines()):
+            yield {"id": event_id, "event": name, "data": json.loads(data)}
 
 
 def _describe(event: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from functools import reduce
 from typing import Any
@@ -243,8 +244,9 @@ def _registry_rules(models: Sequence[ModelSpec], default: str) -> dict[str, Any]
 def components(models: Sequence[ModelSpec], default: str) -> dict[str, Any]:
     generated = _schemas()
     names = {name: _public_name(name) for name in generated}
-    clashes = {n for n in names.values() if list(names.values()).count(n) > 1}
-    assert not clashes, f"two schemas would share a component name: {sorted(clashes)}"
+    shared = sorted(n for n, count in Counter(names.values()).items() if count > 1)
+    if shared:  # one schema would replace the other, silently
+        raise ValueError(f"two schemas would share a component name: {shared}")
     schemas = {names[k]: _renamed(copy.deepcopy(v), names) for k, v in generated.items()}
     by_model = _registry_rules(models, default)
     for request in ("GenerateRequest", "EstimateRequest", "CacheLookupRequest"):
